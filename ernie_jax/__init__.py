@@ -1,0 +1,15 @@
+"""ernie-jax: ERNIE 4.5 (dense, MoE, multimodal MoE) in JAX / Flax NNX.
+
+    import ernie_jax
+    model = ernie_jax.from_pretrained("hf_dir", dtype="float32")
+    logits = model(input_ids).logits
+    ernie_jax.save_pretrained(model, "out_dir")
+"""
+
+from ernie_jax.config import ConfigError, ErnieConfig, VisionConfig
+from ernie_jax.model import CausalLMOutput, ErnieForCausalLM, abstract_model, count_params, create_model
+from ernie_jax.presets import PRESETS, RELEASED, get_preset
+
+__all__ = ["ConfigError", "ErnieConfig", "VisionConfig", "CausalLMOutput", "ErnieForCausalLM", "abstract_model",
+           "count_params", "create_model", "PRESETS", "RELEASED", "get_preset"]
+__version__ = "0.1.0"

@@ -1,0 +1,94 @@
+"""Decoder layers and the scanned layer stacks.
+
+A layer is pre-norm: `x += Attn(RMSNorm(x)); x += FFN(RMSNorm(x))`, with a dense SwiGLU FFN or (MoE
+models, `ErnieConfig.is_moe_layer`) a mixture of experts. Consecutive layers of the same kind form one
+stack whose parameters carry a leading `layers` axis and which runs under `jax.lax.scan`: compile time
+depends on the number of stacks (1 dense; 2 for 21B/300B: dense-first, then MoE), not on depth.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ernie_jax.config import ErnieConfig
+from ernie_jax.model.attention import Attention, AttentionMask
+from ernie_jax.model.mlp import MLP
+from ernie_jax.model.norm import RMSNorm
+from ernie_jax.model.remat import remat
+from ernie_jax.sharding import logical_axes
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, config: ErnieConfig, kind: str, *, rngs: nnx.Rngs):
+        c = config
+        pd = jnp.dtype(c.param_dtype)
+        self.kind = kind
+        self.input_norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, param_dtype=pd)
+        self.attn = Attention(c, rngs=rngs)
+        self.post_attn_norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, param_dtype=pd)
+        if kind == "dense":
+            self.mlp = MLP(c.hidden_size, c.intermediate_size, act=c.hidden_act, use_bias=c.use_bias,
+                           std=c.initializer_range, param_dtype=pd, rngs=rngs)
+        elif kind == "moe":
+            raise NotImplementedError("MoE decoder layers are built by the text-MoE issue (#3)")
+        else:
+            raise ValueError(f"unknown layer kind {kind!r}")
+
+    def __call__(self, x: jax.Array, angles: jax.Array, mask: AttentionMask) -> jax.Array:
+        """x [B, S, H] -> [B, S, H]."""
+        x = x + self.attn(self.input_norm(x), angles, mask)
+        return x + self.mlp(self.post_attn_norm(x))
+
+
+def stack_modules(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs) -> nnx.Module:
+    """`n` independently initialised copies of `make(rngs)` as one module whose variables have a leading
+    axis of size n, logically named `layers`."""
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: make(nnx.Rngs(0))))
+    keys = jax.random.split(rngs.params(), n)
+    state = jax.vmap(lambda key: nnx.state(make(nnx.Rngs(params=key))))(keys)
+    state = jax.tree.map(lambda v: v.replace(logical_axes=("layers",) + logical_axes(v)), state,
+                         is_leaf=lambda v: isinstance(v, nnx.Variable))
+    return nnx.merge(graphdef, state)
+
+
+class LayerStack(nnx.Module):
+    """`n` decoder layers of one kind, run with `jax.lax.scan` (and `jax.checkpoint` per remat policy)."""
+
+    def __init__(self, config: ErnieConfig, kind: str, n: int, *, rngs: nnx.Rngs):
+        self.kind, self.num_layers, self.remat_policy = kind, n, config.remat_policy
+        self.layers = stack_modules(lambda r: DecoderLayer(config, kind, rngs=r), n, rngs)
+
+    def __call__(self, x: jax.Array, angles: jax.Array, mask: AttentionMask) -> jax.Array:
+        graphdef, state = nnx.split(self.layers)
+
+        def body(h, layer_state):
+            return nnx.merge(graphdef, layer_state)(h, angles, mask), None
+
+        x, _ = jax.lax.scan(remat(body, self.remat_policy), x, state)
+        return x
+
+
+def layer_segments(config: ErnieConfig) -> list[tuple[str, int]]:
+    """Runs of consecutive layers of the same kind: [(kind, count), ...] in depth order."""
+    segs: list[tuple[str, int]] = []
+    for i in range(config.num_hidden_layers):
+        kind = "moe" if config.is_moe_layer(i) else "dense"
+        if segs and segs[-1][0] == kind:
+            segs[-1] = (kind, segs[-1][1] + 1)
+        else:
+            segs.append((kind, 1))
+    return segs
+
+
+class Decoder(nnx.Module):
+    def __init__(self, config: ErnieConfig, *, rngs: nnx.Rngs):
+        self.stacks = nnx.List([LayerStack(config, kind, n, rngs=rngs) for kind, n in layer_segments(config)])
+
+    def __call__(self, x: jax.Array, angles: jax.Array, mask: AttentionMask) -> jax.Array:
+        for stack in self.stacks:
+            x = stack(x, angles, mask)
+        return x

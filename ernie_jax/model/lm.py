@@ -1,0 +1,64 @@
+"""`ErnieForCausalLM`: embedding -> scanned decoder stacks -> final RMSNorm -> LM head.
+
+Exact transformers `Ernie4_5ForCausalLM` semantics: no embedding scaling, no logit soft-cap, the head is
+tied to the embedding when `tie_word_embeddings`. Logits come out in fp32 (the head matmul accumulates in
+fp32), which the loss wants anyway.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from ernie_jax.config import ErnieConfig
+from ernie_jax.model.attention import AttentionMask
+from ernie_jax.model.decoder import Decoder
+from ernie_jax.model.norm import RMSNorm
+from ernie_jax.model.params import normal_param
+from ernie_jax.model.rope import rope_angles
+from ernie_jax.sharding import shard
+
+
+@struct.dataclass
+class CausalLMOutput:
+    logits: jax.Array  # [B, S, V] fp32
+    hidden_states: jax.Array  # [B, S, H] after the final norm
+
+
+class ErnieForCausalLM(nnx.Module):
+    def __init__(self, config: ErnieConfig, *, rngs: nnx.Rngs):
+        c = config
+        self.config = c
+        pd = jnp.dtype(c.param_dtype)
+        self.embed = normal_param(rngs, (c.vocab_size, c.hidden_size), ("vocab", "embed"),
+                                  std=c.initializer_range, dtype=pd)
+        self.decoder = Decoder(c, rngs=rngs)
+        self.final_norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, param_dtype=pd)
+        if not c.tie_word_embeddings:
+            self.lm_head = normal_param(rngs, (c.hidden_size, c.vocab_size), ("embed", "vocab"),
+                                        std=c.initializer_range, dtype=pd)
+
+    def __call__(self, input_ids: jax.Array, *, positions: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None, attention_mask: jax.Array | None = None) -> CausalLMOutput:
+        """input_ids [B, S] int.
+
+        positions [B, S]: RoPE positions (default 0..S-1; restart per document for packed rows).
+        segment_ids [B, S]: packed-document ids; tokens attend only within their segment.
+        attention_mask [B, S]: 1 for real tokens, 0 for padding keys (transformers' convention).
+        """
+        c = self.config
+        b, s = input_ids.shape
+        dt = jnp.dtype(c.dtype)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+        mask = AttentionMask(causal=True, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
+                             kv_valid=None if attention_mask is None else attention_mask.astype(bool))
+        x = jnp.take(self.embed[...].astype(dt), input_ids, axis=0)
+        x = shard(x, ("act_batch", "act_length", "act_embed"))
+        angles = rope_angles(positions, c.head_dim, c.rope_theta)
+        x = self.decoder(x, angles, mask)
+        h = self.final_norm(x)
+        head = self.embed[...].T if c.tie_word_embeddings else self.lm_head[...]
+        logits = jnp.einsum("BSH,HV->BSV", h, head.astype(dt), preferred_element_type=jnp.float32)
+        return CausalLMOutput(logits=shard(logits, ("act_batch", "act_length", "act_vocab")), hidden_states=h)
