@@ -6,10 +6,11 @@
     ernie_jax.save_pretrained(model, "out_dir")
 """
 
+from ernie_jax.checkpoint import CheckpointError, from_pretrained, save_pretrained
 from ernie_jax.config import ConfigError, ErnieConfig, VisionConfig
 from ernie_jax.model import CausalLMOutput, ErnieForCausalLM, abstract_model, count_params, create_model
 from ernie_jax.presets import PRESETS, RELEASED, get_preset
 
-__all__ = ["ConfigError", "ErnieConfig", "VisionConfig", "CausalLMOutput", "ErnieForCausalLM", "abstract_model",
+__all__ = ["CheckpointError", "from_pretrained", "save_pretrained", "ConfigError", "ErnieConfig", "VisionConfig", "CausalLMOutput", "ErnieForCausalLM", "abstract_model",
            "count_params", "create_model", "PRESETS", "RELEASED", "get_preset"]
 __version__ = "0.1.0"

@@ -1,0 +1,268 @@
+"""transformers checkpoints <-> our parameter tree: `from_pretrained` / `save_pretrained`.
+
+A rule table per model family maps each transformers key (per layer, `{i}`) to a path in our state and
+gives the transform both ways (torch `nn.Linear` weights are [out, in]; ours are [in, ..., out] with
+heads split out). Per-layer tensors are stacked along our leading `layers` axis of the stack the layer
+belongs to. Loading checks every key and shape against the config before reading any tensor and
+reports all problems at once; saving writes to a temporary directory and moves the files into place,
+so an interrupted save leaves no half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import tempfile
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from ernie_jax.checkpoint.safetensors_io import SafetensorsFile, save_file, shard_groups
+from ernie_jax.config import ConfigError, ErnieConfig
+from ernie_jax.model.create import abstract_model
+from ernie_jax.model.decoder import layer_segments
+from ernie_jax.sharding import param_shardings, resolve_rules
+from ernie_jax.sharding.rules import Rules
+
+log = logging.getLogger(__name__)
+
+_ARCHITECTURES = {"ernie4_5": "Ernie4_5ForCausalLM", "ernie4_5_moe": "Ernie4_5_MoeForCausalLM",
+                  "ernie4_5_vl_moe": "Ernie4_5_VLMoeForConditionalGeneration"}
+# Keys transformers itself drops on load (MTP weights of the 21B / 300B checkpoints).
+_IGNORED_PREFIXES = ("model.mtp_",)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint does not match the model: the message names the keys and shapes."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    hf: str  # transformers key; "{i}" is the decoder layer index
+    ours: tuple[Any, ...]  # path in our nnx state
+    to_ours: Callable  # one HF tensor -> our tensor (one layer's slice for stacked params)
+    to_hf: Callable  # the inverse
+    layers: tuple[int, ...] | None = None  # HF layer indices stacked on our leading axis
+
+
+def _ident(x):
+    return x
+
+
+def _t(x):
+    return x.T
+
+
+def _dense_layer_rules(c: ErnieConfig) -> list[tuple[str, tuple[str, ...], Callable, Callable]]:
+    h, nq, nkv, d = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
+
+    def heads_in(n):  # q/k/v weight [n*d, H] <-> [H, n, d]
+        return (lambda w: w.reshape(n, d, h).transpose(2, 0, 1), lambda p: p.transpose(1, 2, 0).reshape(n * d, h))
+
+    def heads_bias(n):  # [n*d] <-> [n, d]
+        return (lambda b: b.reshape(n, d), lambda p: p.reshape(n * d))
+
+    rules = [
+        ("input_layernorm.weight", ("input_norm", "scale"), _ident, _ident),
+        ("post_attention_layernorm.weight", ("post_attn_norm", "scale"), _ident, _ident),
+        ("self_attn.q_proj.weight", ("attn", "wq"), *heads_in(nq)),
+        ("self_attn.k_proj.weight", ("attn", "wk"), *heads_in(nkv)),
+        ("self_attn.v_proj.weight", ("attn", "wv"), *heads_in(nkv)),
+        # o_proj [H, nq*d] <-> [nq, d, H]
+        ("self_attn.o_proj.weight", ("attn", "wo"), lambda w: w.T.reshape(nq, d, h), lambda p: p.reshape(nq * d, h).T),
+    ]
+    if c.use_bias:
+        rules += [
+            ("self_attn.q_proj.bias", ("attn", "bq"), *heads_bias(nq)),
+            ("self_attn.k_proj.bias", ("attn", "bk"), *heads_bias(nkv)),
+            ("self_attn.v_proj.bias", ("attn", "bv"), *heads_bias(nkv)),
+            ("self_attn.o_proj.bias", ("attn", "bo"), _ident, _ident),
+        ]
+    return rules
+
+
+def _mlp_rules(hf_prefix: str, ours_prefix: tuple[str, ...], use_bias: bool):
+    rules = [(f"{hf_prefix}.gate_proj.weight", ours_prefix + ("wi_gate",), _t, _t),
+             (f"{hf_prefix}.up_proj.weight", ours_prefix + ("wi_up",), _t, _t),
+             (f"{hf_prefix}.down_proj.weight", ours_prefix + ("wo",), _t, _t)]
+    if use_bias:
+        rules += [(f"{hf_prefix}.gate_proj.bias", ours_prefix + ("bi_gate",), _ident, _ident),
+                  (f"{hf_prefix}.up_proj.bias", ours_prefix + ("bi_up",), _ident, _ident),
+                  (f"{hf_prefix}.down_proj.bias", ours_prefix + ("bo",), _ident, _ident)]
+    return rules
+
+
+def param_rules(config: ErnieConfig) -> list[Rule]:
+    """Every parameter of the model for `config`, with its transformers key(s)."""
+    c = config
+    if c.vision is not None:
+        raise NotImplementedError("VL checkpoints are mapped by the multimodal issue (#8)")
+    rules = [Rule("model.embed_tokens.weight", ("embed",), _ident, _ident),
+             Rule("model.norm.weight", ("final_norm", "scale"), _ident, _ident)]
+    if not c.tie_word_embeddings:
+        rules.append(Rule("lm_head.weight", ("lm_head",), _t, _t))
+    start = 0
+    for s, (kind, n) in enumerate(layer_segments(c)):
+        per_layer = _dense_layer_rules(c)
+        if kind == "dense":
+            per_layer += _mlp_rules("mlp", ("mlp",), c.use_bias)
+        else:
+            raise NotImplementedError("MoE checkpoints are mapped by the text-MoE issue (#3)")
+        layers = tuple(range(start, start + n))
+        for hf, ours, to_ours, to_hf in per_layer:
+            rules.append(Rule(f"model.layers.{{i}}.{hf}", ("decoder", "stacks", s, "layers") + ours, to_ours,
+                              to_hf, layers))
+        start += n
+    return rules
+
+
+# ------------------------------------------------------------------------------------------ loading
+def _open_checkpoint(path: str) -> dict[str, SafetensorsFile]:
+    """key -> the file holding it, from `model.safetensors` or `model.safetensors.index.json`."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    single = os.path.join(path, "model.safetensors")
+    if os.path.exists(index):
+        with open(index) as f:
+            weight_map = json.load(f).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: no 'weight_map'")
+        files = {fn: SafetensorsFile(os.path.join(path, fn)) for fn in sorted(set(weight_map.values()))}
+        out = {}
+        for k, fn in weight_map.items():
+            if k not in files[fn].keys():
+                raise CheckpointError(f"{index}: maps {k!r} to {fn}, which does not contain it")
+            out[k] = files[fn]
+        return out
+    if os.path.exists(single):
+        f = SafetensorsFile(single)
+        return {k: f for k in f.keys()}
+    raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+def _expected_shapes(rules: list[Rule], flat: dict) -> dict[str, tuple[int, ...]]:
+    out = {}
+    for r in rules:
+        v = flat[r.ours].get_value()
+        per = v.shape[1:] if r.layers is not None else v.shape
+        shape = jax.eval_shape(r.to_hf, jax.ShapeDtypeStruct(per, v.dtype)).shape
+        for i in r.layers if r.layers is not None else (None,):
+            out[r.hf.format(i=i)] = tuple(shape)
+    return out
+
+
+def check_checkpoint(files: dict[str, SafetensorsFile], config: ErnieConfig, rules: list[Rule],
+                     flat: dict, where: str) -> None:
+    """Raises CheckpointError listing every missing / unexpected key and shape mismatch."""
+    expected = _expected_shapes(rules, flat)
+    present = set(files)
+    ignored = {k for k in present if k.startswith(_IGNORED_PREFIXES)}
+    if c_tied := config.tie_word_embeddings:
+        ignored |= {"lm_head.weight"} & present  # transformers re-ties it to the embedding
+    if ignored:
+        log.warning("%s: ignoring %d key(s) transformers also ignores: %s", where, len(ignored), sorted(ignored)[:8])
+    problems = []
+    missing = sorted(set(expected) - present)
+    unexpected = sorted(present - set(expected) - ignored)
+    if missing:
+        problems.append(f"missing keys ({len(missing)}): {missing}")
+    if unexpected:
+        problems.append(f"unexpected keys ({len(unexpected)}): {unexpected}")
+    for k in sorted(set(expected) & present):
+        if files[k].shape(k) != expected[k]:
+            problems.append(f"shape mismatch for {k!r}: checkpoint has {files[k].shape(k)}, the config "
+                            f"implies {expected[k]}")
+    if problems:
+        raise CheckpointError(f"{where} does not match its config ({config.model_type}, tied={c_tied}):\n  "
+                              + "\n  ".join(problems))
+
+
+def from_pretrained(path: str | os.PathLike, *, dtype: str = "float32", param_dtype: str | None = None,
+                    mesh: Mesh | None = None, rules: Rules | str | None = None, **config_overrides: Any):
+    """Loads a transformers ERNIE-4.5 directory (`config.json` + safetensors) into our model.
+
+    dtype: compute dtype; param_dtype: storage dtype of the parameters (default: `dtype`).
+    With `mesh`, every parameter is placed sharded by `rules` (preset name or table) as it is read.
+    Reads safetensors directly: no torch.
+    """
+    path = os.fspath(path)
+    config = ErnieConfig.from_hf(path, dtype=dtype, param_dtype=param_dtype or dtype, **config_overrides)
+    files = _open_checkpoint(path)
+    graphdef, abs_state = nnx.split(abstract_model(config))
+    flat = dict(nnx.to_flat_state(abs_state))
+    prules = param_rules(config)
+    covered = {r.ours for r in prules}
+    assert covered == set(flat), f"rule table out of sync with the model: {set(flat) ^ covered}"
+    check_checkpoint(files, config, prules, flat, path)
+    shardings = None
+    if mesh is not None:
+        shardings = dict(nnx.to_flat_state(param_shardings(abs_state, mesh, resolve_rules(rules or "fsdp"))))
+    pdt = np.dtype(jnp.dtype(config.param_dtype))
+    new = {}
+    for r in prules:
+        if r.layers is None:
+            arr = r.to_ours(files[r.hf].get(r.hf))
+        else:
+            arr = np.stack([r.to_ours(files[k].get(k)) for k in (r.hf.format(i=i) for i in r.layers)])
+        arr = np.ascontiguousarray(arr.astype(pdt))
+        value = jax.device_put(arr, shardings[r.ours].get_value()) if shardings else jnp.asarray(arr)
+        new[r.ours] = flat[r.ours].replace(value)
+    state = nnx.from_flat_state([(p, new[p]) for p, _ in nnx.to_flat_state(abs_state)])
+    return nnx.merge(graphdef, state)
+
+
+# ------------------------------------------------------------------------------------------- saving
+def save_pretrained(model: nnx.Module, out_dir: str | os.PathLike, *, dtype: str | None = None,
+                    max_shard_bytes: int = 5 * 2**30) -> None:
+    """Writes `config.json` and safetensors shards that `transformers.AutoModelForCausalLM.from_pretrained`
+    loads. dtype: storage dtype of the written tensors (default: the parameters' dtype)."""
+    config: ErnieConfig = model.config
+    out_dir = os.fspath(out_dir)
+    flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    tensors: dict[str, np.ndarray] = {}
+    for r in param_rules(config):
+        arr = np.asarray(jax.device_get(flat[r.ours].get_value()))
+        if dtype is not None:
+            arr = arr.astype(jnp.dtype(dtype))
+        if r.layers is None:
+            tensors[r.hf] = np.ascontiguousarray(r.to_hf(arr))
+        else:
+            for j, i in enumerate(r.layers):
+                tensors[r.hf.format(i=i)] = np.ascontiguousarray(r.to_hf(arr[j]))
+    saved_dtype = str(jnp.dtype(dtype or config.param_dtype))
+    hf_config = {**config.to_hf(), "architectures": [_ARCHITECTURES[config.model_type]], "dtype": saved_dtype}
+
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".ernie_jax_save_", dir=parent)
+    try:
+        groups = shard_groups(((k, tensors[k].nbytes) for k in sorted(tensors)), max_shard_bytes)
+        if len(groups) == 1:
+            names = ["model.safetensors"]
+        else:
+            names = [f"model-{j + 1:05d}-of-{len(groups):05d}.safetensors" for j in range(len(groups))]
+            index = {"metadata": {"total_size": sum(a.nbytes for a in tensors.values())},
+                     "weight_map": {k: n for n, g in zip(names, groups) for k in g}}
+            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+                json.dump(index, f, indent=2, sort_keys=True)
+        for n, g in zip(names, groups):
+            save_file({k: tensors[k] for k in g}, os.path.join(tmp, n), metadata={"format": "pt"})
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(hf_config, f, indent=2, sort_keys=True)
+        os.makedirs(out_dir, exist_ok=True)
+        for old in os.listdir(out_dir):  # stale shards of an earlier save would confuse the loader
+            if old.startswith("model") and (old.endswith(".safetensors") or old.endswith(".index.json")):
+                os.remove(os.path.join(out_dir, old))
+        for n in os.listdir(tmp):
+            os.replace(os.path.join(tmp, n), os.path.join(out_dir, n))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+__all__ = ["CheckpointError", "ConfigError", "from_pretrained", "save_pretrained", "param_rules"]
