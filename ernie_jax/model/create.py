@@ -6,7 +6,9 @@ holds the full model (the MaxText pattern).
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import Callable
 
 import jax
 from flax import nnx
@@ -24,10 +26,13 @@ def model_class(config: ErnieConfig) -> type[nnx.Module]:
     return ErnieForCausalLM
 
 
-def abstract_model(config: ErnieConfig, seed: int = 0) -> nnx.Module:
+def _build(config: ErnieConfig, seed) -> nnx.Module:
+    return model_class(config)(config, rngs=nnx.Rngs(params=jax.random.key(seed)))
+
+
+def abstract_model(config: ErnieConfig) -> nnx.Module:
     """The model with `ShapeDtypeStruct`s instead of arrays: no memory, any size."""
-    cls = model_class(config)
-    return nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(seed)))
+    return nnx.eval_shape(lambda: _build(config, 0))
 
 
 def count_params(config: ErnieConfig) -> int:
@@ -42,14 +47,15 @@ def create_model(config: ErnieConfig, *, seed: int = 0, mesh: Mesh | None = None
 
     With `mesh`, parameters are created sharded by `rules` (a preset name, a table, or a MeshConfig).
     """
-    cls = model_class(config)
+    graphdef = nnx.graphdef(abstract_model(config))
+    rule_items = None if mesh is None else tuple(sorted(resolve_rules(rules or "fsdp").items()))
+    return nnx.merge(graphdef, _jitted_init(config, mesh, rule_items)(seed))
 
-    def init():
-        return nnx.split(cls(config, rngs=nnx.Rngs(seed)))[1]
 
-    graphdef, abstract_state = nnx.split(abstract_model(config, seed))
+@functools.lru_cache(maxsize=32)
+def _jitted_init(config: ErnieConfig, mesh: Mesh | None, rule_items: tuple | None) -> Callable:
+    """One compiled initialiser per (config, mesh, rules); the seed is a runtime argument."""
     out_shardings = None
     if mesh is not None:
-        out_shardings = param_shardings(abstract_state, mesh, resolve_rules(rules or "fsdp"))
-    state = jax.jit(init, out_shardings=out_shardings)()
-    return nnx.merge(graphdef, state)
+        out_shardings = param_shardings(nnx.state(abstract_model(config)), mesh, dict(rule_items))
+    return jax.jit(lambda seed: nnx.split(_build(config, seed))[1], out_shardings=out_shardings)

@@ -1,0 +1,154 @@
+"""Forward-pass throughput: our jitted JAX forward vs transformers (torch eager / sdpa), fp32, on the host.
+
+    python -m experiments.bench.forward [--configs tiny,small] [--batch 4] [--seq 256] [--repeats 5]
+
+Both sides run the same weights: ours are written with `save_pretrained` and loaded by
+`Ernie4_5ForCausalLM`, and the logits are checked to agree before anything is timed. Compile time
+(ours) is reported apart from the steady-state median. The Markdown table is printed and written as
+the `## Forward pass` section of `--out`; other `## ` sections of that file are kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import re
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import flax
+import jax
+import numpy as np
+import torch  # only this script needs torch; the library never imports it
+import transformers
+from flax import nnx
+
+import ernie_jax
+from ernie_jax.model import create_model
+
+SECTION = "## Forward pass (experiments/bench/forward.py)"
+CONFIGS = {
+    "tiny": lambda: ernie_jax.get_preset("tiny"),
+    # The 0.3B shapes (hidden 1024, GQA 16/2, head_dim 128) with fewer layers and a smaller vocab so one
+    # call takes about a second on 2 cores.
+    "small": lambda: ernie_jax.get_preset("ernie-4.5-0.3b", num_hidden_layers=4, vocab_size=8192),
+}
+ATOL = 1e-4
+
+
+def bench_config(name: str, batch: int, seq: int, repeats: int) -> list[dict]:
+    cfg = CONFIGS[name]()
+    model = create_model(cfg, seed=0)
+    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, seq), dtype=np.int32)
+
+    # Ours: compile ahead of time so compile cost is measured apart from the steady state.
+    graphdef, state = nnx.split(model)
+    fwd = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x).logits)
+    ids_j = jax.numpy.asarray(ids)
+    t0 = time.perf_counter()
+    compiled = fwd.lower(state, ids_j).compile()
+    compile_s = time.perf_counter() - t0
+    ref = np.asarray(compiled(state, ids_j))  # also the warm-up call
+    impls = {"ours (jax/xla)": lambda: jax.block_until_ready(compiled(state, ids_j))}
+
+    ids_t = torch.from_numpy(ids.astype(np.int64))
+    with tempfile.TemporaryDirectory() as tmp:
+        ernie_jax.save_pretrained(model, tmp)
+        for attn in ("eager", "sdpa"):
+            hf = transformers.Ernie4_5ForCausalLM.from_pretrained(
+                tmp, attn_implementation=attn, dtype=torch.float32).eval()
+            with torch.inference_mode():
+                diff = float(np.abs(hf(ids_t).logits.numpy() - ref).max())  # also the warm-up call
+            print(f"[{name}] max |logits ours - torch {attn}| = {diff:.2e}")
+            if diff > ATOL:  # otherwise the timings would compare different computations
+                raise SystemExit(f"{name}/{attn}: logits differ by {diff:.2e} > {ATOL:g}")
+            impls[f"torch {attn}"] = lambda hf=hf: hf(ids_t)
+
+    # Round-robin over the implementations, so that a change in background load hits all of them alike.
+    times: dict[str, list[float]] = {k: [] for k in impls}
+    with torch.inference_mode():
+        for _ in range(repeats):
+            for k, fn in impls.items():
+                t0 = time.perf_counter()
+                fn()
+                times[k].append(time.perf_counter() - t0)
+    ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+    return [dict(config=name, params=ernie_jax.count_params(cfg), shape=f"{batch}×{seq}", impl=k,
+                 compile_s=compile_s if k.startswith("ours") else None, ms=ms[k],
+                 tok_s=batch * seq / (ms[k] / 1e3), vs_eager=ms["torch eager"] / ms[k]) for k in impls]
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| config | params | B×S | impl | compile s | median ms | tokens/s | vs torch eager |",
+             "|---|---:|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        compile_s = "–" if r["compile_s"] is None else f"{r['compile_s']:.2f}"
+        lines.append(f"| {r['config']} | {r['params'] / 1e6:.2f}M | {r['shape']} | {r['impl']} | {compile_s} "
+                     f"| {r['ms']:.1f} | {r['tok_s']:,.0f} | {r['vs_eager']:.2f}× |")
+    return "\n".join(lines)
+
+
+def header(args, load: tuple[float, float]) -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        rev = "unknown"
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return (f"Tokens/s of one fp32 forward pass (prefill, no KV cache), our `jax.jit` forward vs "
+            f"`transformers.Ernie4_5ForCausalLM` with the same weights (logits agree to < {ATOL:g}). "
+            f"Median of {args.repeats} calls after a warm-up; compile time excluded and shown apart. "
+            f"Run `python -m experiments.bench.forward --configs {args.configs} --batch {args.batch} "
+            f"--seq {args.seq} --repeats {args.repeats}`.\n\n"
+            f"- measured: {now}, commit `{rev}`\n"
+            f"- machine: `{platform.platform()}`, {platform.processor() or platform.machine()}, "
+            f"{os.cpu_count()} CPUs, JAX backend `{jax.default_backend()}`, torch threads {torch.get_num_threads()}; "
+            f"1-min load average {load[0]:.2f} before / {load[1]:.2f} after (other processes skew the numbers)\n"
+            f"- versions: jax {jax.__version__}, flax {flax.__version__}, "
+            f"torch {torch.__version__}, transformers {transformers.__version__}\n")
+
+
+def write_section(path: Path, body: str) -> None:
+    """Replaces this script's `## ` section of `path` (or appends it), keeping every other section."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    parts = re.split(r"(?m)^(?=## )", text)  # parts[0] is the title / preamble
+    section = f"{SECTION}\n\n{body}\n"
+    for i, p in enumerate(parts):
+        if p.startswith(SECTION):
+            parts[i] = section + ("\n" if i < len(parts) - 1 else "")
+            break
+    else:
+        parts.append(section)
+        if not parts[-2].endswith("\n\n"):
+            parts[-2] = parts[-2].rstrip("\n") + "\n\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(parts))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--configs", default="tiny,small", help=f"comma-separated, of {sorted(CONFIGS)}")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
+    args = p.parse_args()
+
+    torch.set_num_threads(os.cpu_count())  # XLA's CPU backend uses every core too
+    load_before = os.getloadavg()[0]  # recorded because a busy host distorts every row
+    rows = []
+    for name in args.configs.split(","):
+        rows += bench_config(name, args.batch, args.seq, args.repeats)
+    md = table(rows)
+    print(md)
+    write_section(args.out, header(args, (load_before, os.getloadavg()[0])) + "\n" + md)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

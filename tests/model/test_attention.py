@@ -1,0 +1,79 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ernie_jax.model.attention import AttentionMask, attention
+
+
+def _naive(q, k, v, allowed, scale):
+    """Loop-free numpy reference with transformers' repeat_kv (repeat_interleave over heads)."""
+    g = q.shape[2] // k.shape[2]
+    k, v = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)
+    s = np.einsum("bqhd,bkhd->bhqk", q, k).astype(np.float64) * scale
+    s = np.where(allowed[:, None], s, -np.inf)
+    with np.errstate(invalid="ignore"):
+        p = np.exp(s - s.max(-1, keepdims=True))
+        p = p / p.sum(-1, keepdims=True)
+    p = np.nan_to_num(p)  # rows with no visible key -> zero output
+    return np.einsum("bhqk,bkhd->bqhd", p, v)
+
+
+def _inputs(b=2, sq=6, sk=6, hq=4, hkv=2, d=8, seed=0):
+    r = np.random.RandomState(seed)
+    return (r.randn(b, sq, hq, d).astype(np.float32), r.randn(b, sk, hkv, d).astype(np.float32),
+            r.randn(b, sk, hkv, d).astype(np.float32))
+
+
+def _dense(mask, sq, sk, b):
+    return np.broadcast_to(np.asarray(mask.dense(sq, sk))[:, 0], (b, sq, sk))
+
+
+@pytest.mark.parametrize("impl", ["xla", "jax_nn"])
+@pytest.mark.parametrize("hkv", [1, 2, 4])
+def test_causal_gqa_matches_naive(impl, hkv):
+    q, k, v = _inputs(hkv=hkv)
+    mask = AttentionMask(causal=True)
+    out = attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), mask, impl=impl)
+    ref = _naive(q, k, v, _dense(mask, 6, 6, 2), 8 ** -0.5)
+    np.testing.assert_allclose(np.asarray(out), ref, atol=2e-6)
+
+
+@pytest.mark.parametrize("impl", ["xla", "jax_nn"])
+def test_segments_padding_and_fully_masked_rows(impl):
+    q, k, v = _inputs(sq=7, sk=7)
+    seg = jnp.asarray([[1, 1, 1, 2, 2, 0, 0], [1, 2, 2, 2, 3, 3, 3]])
+    valid = jnp.asarray([[1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1]])
+    # key 0 of row 0 padded too: query 0 then sees nothing at all
+    valid = valid.at[0, 0].set(0)
+    mask = AttentionMask(causal=True, q_segment_ids=seg, kv_segment_ids=seg, kv_valid=valid.astype(bool))
+    out = attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), mask, impl=impl)
+    allowed = _dense(mask, 7, 7, 2)
+    assert not allowed[0, 0].any()
+    np.testing.assert_allclose(np.asarray(out), _naive(q, k, v, allowed, 8 ** -0.5), atol=2e-6)
+    assert np.all(np.asarray(out)[0, 0] == 0)
+
+    def loss(q_):
+        return jnp.sum(attention(q_, jnp.asarray(k), jnp.asarray(v), mask, impl=impl) ** 2)
+
+    g = np.asarray(jax.grad(loss)(jnp.asarray(q)))
+    assert np.isfinite(g).all() and np.all(g[0, 0] == 0)
+
+
+def test_decode_offset_causal():
+    """Sq < Sk: the queries are the last Sq positions, query i sees keys <= i + Sk - Sq."""
+    q, k, v = _inputs(sq=2, sk=5)
+    mask = AttentionMask(causal=True)
+    allowed = _dense(mask, 2, 5, 2)
+    assert allowed[0].tolist() == [[True, True, True, True, False], [True] * 5]
+    np.testing.assert_allclose(np.asarray(attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), mask)),
+                               _naive(q, k, v, allowed, 8 ** -0.5), atol=2e-6)
+
+
+def test_bad_heads_and_impl():
+    q, k, v = _inputs(hq=3, hkv=2)
+    with pytest.raises(ValueError, match="multiple"):
+        attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), AttentionMask())
+    q, k, v = _inputs()
+    with pytest.raises(ValueError, match="unknown attention impl"):
+        attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), AttentionMask(), impl="flash")

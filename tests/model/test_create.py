@@ -1,0 +1,45 @@
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from ernie_jax import count_params, create_model, get_preset
+
+COUNTS = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "reference", "hf-configs",
+                      "param_counts.json")
+
+
+def _reference_counts():
+    if not os.path.exists(COUNTS):
+        pytest.skip(f"{COUNTS} not present")
+    return json.load(open(COUNTS))
+
+
+def test_dense_released_param_count_exact():
+    """Counted abstractly (no memory) against transformers' meta-device count."""
+    assert count_params(get_preset("ernie-4.5-0.3b")) == _reference_counts()["ernie-4.5-0.3b"]
+
+
+def test_count_matches_materialised_model():
+    c = get_preset("tiny-test", tie_word_embeddings=False, use_bias=True)
+    from flax import nnx
+    model = create_model(c)
+    assert count_params(c) == sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def test_seed_determinism():
+    a = create_model(get_preset("tiny-test"), seed=7)
+    b = create_model(get_preset("tiny-test"), seed=7)
+    c = create_model(get_preset("tiny-test"), seed=8)
+    np.testing.assert_array_equal(np.asarray(a.embed[...]), np.asarray(b.embed[...]))
+    assert not np.allclose(np.asarray(a.embed[...]), np.asarray(c.embed[...]))
+
+
+def test_init_statistics_follow_transformers():
+    c = get_preset("tiny", initializer_range=0.02, use_bias=True)
+    m = create_model(c)
+    assert abs(float(np.std(np.asarray(m.embed[...]))) - 0.02) < 0.002
+    assert np.all(np.asarray(m.final_norm.scale[...]) == 1)
+    assert np.all(np.asarray(m.decoder.stacks[0].layers.attn.bq[...]) == 0)
