@@ -1,0 +1,29 @@
+# Quickstart targets. Both create .venv on first use (and again when a requirements file changes).
+#   make run    set up and run the main job (CPU)
+#   make test   set up and run the whole test suite (what CI runs)
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# The quickstart runs on the CPU; libtpu (installed for the TPU compile tests) would otherwise probe for a
+# TPU at start-up. Run with JAX_PLATFORMS= (empty) to let jax pick an accelerator.
+export JAX_PLATFORMS ?= cpu
+
+.PHONY: run test setup setup-dev
+
+$(VENV)/.runtime: requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt -e .
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+setup: $(VENV)/.runtime
+setup-dev: $(VENV)/.dev
+
+run: $(VENV)/.runtime
+	$(PY) -m experiments.generate
+
+test: $(VENV)/.dev
+	$(PY) -m pytest -n 2 --durations=15
