@@ -67,23 +67,24 @@ class Case:
     mode: str  # "forward" | "train" (value_and_grad of the mean cross-entropy w.r.t. the parameters)
     batch_per_chip: int
     seq: int
+    remat: str = "full"  # remat policy of the real presets (tiny keeps its own: none)
 
     @property
     def id(self) -> str:
         return f"{self.topology.replace(':', '-')}-{self.preset}-{self.mode}"
 
 
-def config_for(preset: str) -> ernie_jax.ErnieConfig:
-    if preset == "tiny":
+def config_for(case: Case) -> ernie_jax.ErnieConfig:
+    if case.preset == "tiny":
         return ernie_jax.get_preset("tiny")  # fp32 compute and parameters, no remat
     # The training set-up of a real preset: bf16 compute on fp32 master weights, full remat.
-    return ernie_jax.get_preset(preset, dtype="bfloat16", param_dtype="float32", remat_policy="full")
+    return ernie_jax.get_preset(case.preset, dtype="bfloat16", param_dtype="float32", remat_policy=case.remat)
 
 
 TOPOLOGIES = ("v5p:2x2x1", "v6e:2x2")  # 4 chips each
 CASES = [Case(t, "tiny", m, 2, 128) for t in TOPOLOGIES for m in ("forward", "train")]
-# Real 0.3B shapes at a short sequence: TPU compile time on 2 CPU cores grows with B*S
-# (train: ~16 s at 4 x 256, ~75 s at 8 x 1024), so the tier keeps one row per chip.
+# Real 0.3B shapes at a short sequence: TPU compile time on 2 CPU cores grows with B*S (train: ~14 s at
+# 4 x 256, 40-75 s at 8 x 1024 depending on load), so the tier keeps one row of 256 tokens per chip.
 CASES += [Case(t, "ernie-4.5-0.3b", m, 1, 256) for t in TOPOLOGIES for m in ("forward", "train")]
 
 
@@ -137,7 +138,7 @@ class Result:
 def compile_case(case: Case) -> Result:
     devices = topology_devices(case.topology)
     mesh = make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1), devices=devices)
-    cfg = config_for(case.preset)
+    cfg = config_for(case)
     graphdef, abs_state = nnx.split(abstract_model(cfg))
     shardings = param_shardings(abs_state, mesh, resolve_rules("fsdp"))
     batch = NamedSharding(mesh, BATCH_SPEC)
@@ -163,7 +164,10 @@ def compile_case(case: Case) -> Result:
         raise ValueError(case.mode)
 
     t0 = time.perf_counter()
-    with activate(mesh, "fsdp"):  # activation constraints (logical rules) apply while tracing
+    # Activation constraints (logical rules) apply while tracing. The matmul precision is jax's default,
+    # as in training: tests/conftest.py raises it to "highest" for the CPU parity tests, which on TPU
+    # would turn every f32 dot into a 6-pass bf16 one (other code, slower compile).
+    with activate(mesh, "fsdp"), jax.default_matmul_precision(None):
         lowered = jitted.lower(*args)
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
@@ -185,14 +189,15 @@ def row(r: Result) -> str:
     m = r.mem
     peak = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
     c = r.case
-    return (f"| {c.topology} | {c.preset} | {c.mode} | {c.batch_per_chip * r.chips}x{c.seq} | {r.compile_s:.1f} | "
-            f"{r.param_bytes_device / MIB:.2f} | {m.argument_size_in_bytes / MIB:.2f} | "
+    remat = "none" if c.preset == "tiny" else c.remat
+    return (f"| {c.topology} | {c.preset} | {c.mode} | {remat} | {c.batch_per_chip * r.chips}x{c.seq} | "
+            f"{r.compile_s:.1f} | {r.param_bytes_device / MIB:.2f} | {m.argument_size_in_bytes / MIB:.2f} | "
             f"{m.output_size_in_bytes / MIB:.2f} | {m.temp_size_in_bytes / MIB:.2f} | "
             f"{m.generated_code_size_in_bytes / MIB:.2f} | {peak / MIB:.2f} |")
 
 
-TABLE_HEADER = ("| topology | preset | mode | B x S | compile s | params/dev MiB | argument MiB | output MiB | "
-                "temp MiB | code MiB | arg+out+temp MiB |\n|---|---|---|---|---|---|---|---|---|---|---|")
+TABLE_HEADER = ("| topology | preset | mode | remat | B x S | compile s | params/dev MiB | argument MiB | output MiB | "
+                "temp MiB | code MiB | arg+out+temp MiB |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
 _ROWS: list[str] = []
 
 
@@ -257,7 +262,7 @@ def test_aot_compile(case: Case):
     assert m.alias_size_in_bytes == 0  # nothing donated
 
     # Outputs.
-    cfg = config_for(case.preset)
+    cfg = config_for(case)
     if case.mode == "forward":
         logits = case.batch_per_chip * case.seq * cfg.vocab_size * 4  # fp32 [B/n, S, V] per device
         assert m.output_size_in_bytes == tiled_bytes(r.out_avals, out_formats) == logits
@@ -284,9 +289,12 @@ if __name__ == "__main__":  # other shapes, outside pytest: prints the same tabl
     p.add_argument("--mode", default="forward,train")
     p.add_argument("--batch-per-chip", type=int, default=1)
     p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--remat", default="full", help="comma-separated remat policies (real presets only)")
     a = p.parse_args()
     if _MISSING:
         raise SystemExit(_MISSING)
-    rows = [row(compile_case(Case(t, a.preset, m, a.batch_per_chip, a.seq)))
-            for t in a.topology.split(",") for m in a.mode.split(",")]
-    print(TABLE_HEADER + "\n" + "\n".join(rows))
+    print(TABLE_HEADER, flush=True)
+    for t in a.topology.split(","):
+        for m in a.mode.split(","):
+            for rp in a.remat.split(","):
+                print(row(compile_case(Case(t, a.preset, m, a.batch_per_chip, a.seq, rp))), flush=True)
