@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 DTYPES = ("float32", "bfloat16", "float16")
 HIDDEN_ACTS = ("silu", "gelu", "gelu_pytorch_tanh", "relu", "quick_gelu")
 ATTENTION_IMPLS = ("xla", "jax_nn")
+MOE_DISPATCH = ("dropless", "capacity", "dense")
+GMM_IMPLS = ("auto", "ragged_dot", "tiled", "pallas")
 # Names accepted by `remat_policy`; see `ernie_jax.model.remat` for what each one saves.
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_qkv", "save_attn", "save_attn_mlp")
 
@@ -120,6 +122,10 @@ class ErnieConfig:
     param_dtype: str = "float32"  # storage dtype of the parameters (the fp32 master copy in training)
     attention_impl: str = "xla"
     remat_policy: str = "none"
+    moe_dispatch: str = "dropless"  # see ernie_jax.model.moe
+    moe_capacity_factor: float = 1.25  # capacity dispatch only
+    moe_gmm_impl: str = "auto"  # grouped matmul of the dropless path, see ernie_jax.model.gmm
+    moe_gmm_tile: int = 0  # rows per tile of the `tiled` grouped matmul (0 = from shapes)
 
     def __post_init__(self):
         if isinstance(self.moe_intermediate_size, int):  # accept a bare int like transformers does
@@ -148,6 +154,10 @@ class ErnieConfig:
         _check(self.attention_impl in ATTENTION_IMPLS, "attention_impl",
                f"{self.attention_impl!r} not in {ATTENTION_IMPLS}")
         _check(self.remat_policy in REMAT_POLICIES, "remat_policy", f"{self.remat_policy!r} not in {REMAT_POLICIES}")
+        _check(self.moe_dispatch in MOE_DISPATCH, "moe_dispatch", f"{self.moe_dispatch!r} not in {MOE_DISPATCH}")
+        _check(self.moe_gmm_impl in GMM_IMPLS, "moe_gmm_impl", f"{self.moe_gmm_impl!r} not in {GMM_IMPLS}")
+        _check(self.moe_capacity_factor > 0, "moe_capacity_factor", f"must be > 0, got {self.moe_capacity_factor}")
+        _check(self.moe_gmm_tile >= 0, "moe_gmm_tile", f"must be >= 0, got {self.moe_gmm_tile}")
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
             v = getattr(self, name)
             _check(v is None or 0 <= v < self.vocab_size, name, f"{v} is outside [0, vocab_size={self.vocab_size})")
@@ -254,7 +264,8 @@ _MOE_KEYS = ("moe_num_experts", "moe_k", "moe_intermediate_size", "moe_num_share
 _MOE_ALIASES = {"num_experts": "moe_num_experts", "num_experts_per_tok": "moe_k"}
 _VL_TOKENS = ("image_token_id", "image_start_token_id", "image_end_token_id", "video_token_id",
               "video_start_token_id", "video_end_token_id")
-_NUMERICS = ("dtype", "param_dtype", "attention_impl", "remat_policy")
+_NUMERICS = ("dtype", "param_dtype", "attention_impl", "remat_policy", "moe_dispatch", "moe_capacity_factor",
+             "moe_gmm_impl", "moe_gmm_tile")
 
 
 def _rope_theta(d: Mapping[str, Any], src: str) -> float:

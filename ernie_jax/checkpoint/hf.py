@@ -50,6 +50,16 @@ class Rule:
     to_ours: Callable  # one HF tensor -> our tensor (one layer's slice for stacked params)
     to_hf: Callable  # the inverse
     layers: tuple[int, ...] | None = None  # HF layer indices stacked on our leading axis
+    experts: int | None = None  # "{e}" in `hf`: experts stacked on the next axis
+    keep_fp32: bool = False  # routers stay fp32 whatever the model's dtype (transformers does the same)
+
+    def keys(self) -> list[str]:
+        """The HF keys, in the order the tensors stack (layer-major, then expert)."""
+        return [self.hf.format(i=i, e=e) for i in (self.layers if self.layers is not None else (None,))
+                for e in (range(self.experts) if self.experts is not None else (None,))]
+
+    def per_key_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return shape[(self.layers is not None) + (self.experts is not None):]
 
 
 def _ident(x):
@@ -99,6 +109,20 @@ def _mlp_rules(hf_prefix: str, ours_prefix: tuple[str, ...], use_bias: bool):
     return rules
 
 
+def _moe_layer_rules(c: ErnieConfig):
+    """Text-MoE layer (on-disk hub layout, which transformers 5 also writes): per-expert projections."""
+    per_layer = [
+        ("mlp.gate.weight", ("mlp", "router", "kernel"), _t, _t, None, True),  # [E, H] <-> [H, E]
+        ("mlp.moe_statics.e_score_correction_bias", ("mlp", "router", "bias"), lambda b: b.reshape(-1),
+         lambda p: p.reshape(1, -1), None, True),  # [1, E] <-> [E]
+    ]
+    per_layer += [(f"mlp.experts.{{e}}.{n}.weight", ("mlp", "experts", ours), _t, _t, c.moe_num_experts, False)
+                  for n, ours in (("gate_proj", "wi_gate"), ("up_proj", "wi_up"), ("down_proj", "wo"))]
+    if c.moe_num_shared_experts:
+        per_layer += [(*r, None, False) for r in _mlp_rules("mlp.shared_experts", ("mlp", "shared"), c.use_bias)]
+    return per_layer
+
+
 def param_rules(config: ErnieConfig) -> list[Rule]:
     """Every parameter of the model for `config`, with its transformers key(s)."""
     c = config
@@ -108,17 +132,19 @@ def param_rules(config: ErnieConfig) -> list[Rule]:
              Rule("model.norm.weight", ("final_norm", "scale"), _ident, _ident)]
     if not c.tie_word_embeddings:
         rules.append(Rule("lm_head.weight", ("lm_head",), _t, _t))
+    if c.model_type == "ernie4_5_moe" and c.use_bias:
+        rules.append(Rule("lm_head.bias", ("lm_head_bias",), _ident, _ident))
     start = 0
     for s, (kind, n) in enumerate(layer_segments(c)):
-        per_layer = _dense_layer_rules(c)
+        per_layer = [(*r, None, False) for r in _dense_layer_rules(c)]
         if kind == "dense":
-            per_layer += _mlp_rules("mlp", ("mlp",), c.use_bias)
+            per_layer += [(*r, None, False) for r in _mlp_rules("mlp", ("mlp",), c.use_bias)]
         else:
-            raise NotImplementedError("MoE checkpoints are mapped by the text-MoE issue (#3)")
+            per_layer += _moe_layer_rules(c)
         layers = tuple(range(start, start + n))
-        for hf, ours, to_ours, to_hf in per_layer:
+        for hf, ours, to_ours, to_hf, experts, fp32 in per_layer:
             rules.append(Rule(f"model.layers.{{i}}.{hf}", ("decoder", "stacks", s, "layers") + ours, to_ours,
-                              to_hf, layers))
+                              to_hf, layers, experts, fp32))
         start += n
     return rules
 
@@ -150,10 +176,8 @@ def _expected_shapes(rules: list[Rule], flat: dict) -> dict[str, tuple[int, ...]
     out = {}
     for r in rules:
         v = flat[r.ours].get_value()
-        per = v.shape[1:] if r.layers is not None else v.shape
-        shape = jax.eval_shape(r.to_hf, jax.ShapeDtypeStruct(per, v.dtype)).shape
-        for i in r.layers if r.layers is not None else (None,):
-            out[r.hf.format(i=i)] = tuple(shape)
+        shape = jax.eval_shape(r.to_hf, jax.ShapeDtypeStruct(r.per_key_shape(v.shape), v.dtype)).shape
+        out.update({k: tuple(shape) for k in r.keys()})
     return out
 
 
@@ -203,14 +227,11 @@ def from_pretrained(path: str | os.PathLike, *, dtype: str = "float32", param_dt
     shardings = None
     if mesh is not None:
         shardings = dict(nnx.to_flat_state(param_shardings(abs_state, mesh, resolve_rules(rules or "fsdp"))))
-    pdt = np.dtype(jnp.dtype(config.param_dtype))
     new = {}
     for r in prules:
-        if r.layers is None:
-            arr = r.to_ours(files[r.hf].get(r.hf))
-        else:
-            arr = np.stack([r.to_ours(files[k].get(k)) for k in (r.hf.format(i=i) for i in r.layers)])
-        arr = np.ascontiguousarray(arr.astype(pdt))
+        target = flat[r.ours].get_value()  # shape and dtype (routers fp32, the rest param_dtype)
+        arr = np.stack([r.to_ours(files[k].get(k)) for k in r.keys()]).reshape(target.shape)
+        arr = np.ascontiguousarray(arr.astype(np.dtype(target.dtype)))
         value = jax.device_put(arr, shardings[r.ours].get_value()) if shardings else jnp.asarray(arr)
         new[r.ours] = flat[r.ours].replace(value)
     state = nnx.from_flat_state([(p, new[p]) for p, _ in nnx.to_flat_state(abs_state)])
@@ -224,17 +245,15 @@ def save_pretrained(model: nnx.Module, out_dir: str | os.PathLike, *, dtype: str
     loads. dtype: storage dtype of the written tensors (default: the parameters' dtype)."""
     config: ErnieConfig = model.config
     out_dir = os.fspath(out_dir)
-    flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    flat = dict(nnx.to_flat_state(nnx.state(model)))
     tensors: dict[str, np.ndarray] = {}
     for r in param_rules(config):
         arr = np.asarray(jax.device_get(flat[r.ours].get_value()))
-        if dtype is not None:
+        if dtype is not None and not r.keep_fp32:
             arr = arr.astype(jnp.dtype(dtype))
-        if r.layers is None:
-            tensors[r.hf] = np.ascontiguousarray(r.to_hf(arr))
-        else:
-            for j, i in enumerate(r.layers):
-                tensors[r.hf.format(i=i)] = np.ascontiguousarray(r.to_hf(arr[j]))
+        keys = r.keys()
+        for k, a in zip(keys, arr.reshape((len(keys),) + r.per_key_shape(arr.shape))):
+            tensors[k] = np.ascontiguousarray(r.to_hf(a))
     saved_dtype = str(jnp.dtype(dtype or config.param_dtype))
     hf_config = {**config.to_hf(), "architectures": [_ARCHITECTURES[config.model_type]], "dtype": saved_dtype}
 

@@ -36,8 +36,9 @@ def abstract_model(config: ErnieConfig) -> nnx.Module:
 
 
 def count_params(config: ErnieConfig) -> int:
-    """Number of parameters (every `nnx.Param` element), computed abstractly."""
-    state = nnx.state(abstract_model(config), nnx.Param)
+    """Number of parameters, computed abstractly. Like transformers' count it includes the routers'
+    correction biases, which are not trained by gradients."""
+    state = nnx.state(abstract_model(config))
     return sum(math.prod(x.shape) for x in jax.tree.leaves(state))
 
 

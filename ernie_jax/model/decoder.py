@@ -17,6 +17,7 @@ from flax import nnx
 from ernie_jax.config import ErnieConfig
 from ernie_jax.model.attention import Attention, AttentionMask
 from ernie_jax.model.mlp import MLP
+from ernie_jax.model.moe import MoEBlock, MoEStats
 from ernie_jax.model.norm import RMSNorm
 from ernie_jax.model.remat import remat
 from ernie_jax.sharding import logical_axes
@@ -34,14 +35,18 @@ class DecoderLayer(nnx.Module):
             self.mlp = MLP(c.hidden_size, c.intermediate_size, act=c.hidden_act, use_bias=c.use_bias,
                            std=c.initializer_range, param_dtype=pd, rngs=rngs)
         elif kind == "moe":
-            raise NotImplementedError("MoE decoder layers are built by the text-MoE issue (#3)")
+            self.mlp = MoEBlock(c, rngs=rngs)
         else:
             raise ValueError(f"unknown layer kind {kind!r}")
 
-    def __call__(self, x: jax.Array, angles: jax.Array, mask: AttentionMask) -> jax.Array:
-        """x [B, S, H] -> [B, S, H]."""
+    def __call__(self, x: jax.Array, angles: jax.Array, mask: AttentionMask,
+                 token_mask: jax.Array | None = None) -> tuple[jax.Array, MoEStats | None]:
+        """x [B, S, H] -> ([B, S, H], router statistics of a MoE layer or None)."""
         x = x + self.attn(self.input_norm(x), angles, mask)
-        return x + self.mlp(self.post_attn_norm(x))
+        if self.kind == "moe":
+            y, stats = self.mlp(self.post_attn_norm(x), token_mask)
+            return x + y, stats
+        return x + self.mlp(self.post_attn_norm(x)), None
 
 
 def stack_modules(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs) -> nnx.Module:
@@ -62,14 +67,15 @@ class LayerStack(nnx.Module):
         self.kind, self.num_layers, self.remat_policy = kind, n, config.remat_policy
         self.layers = stack_modules(lambda r: DecoderLayer(config, kind, rngs=r), n, rngs)
 
-    def __call__(self, x: jax.Array, angles: jax.Array, mask: AttentionMask) -> jax.Array:
+    def __call__(self, x: jax.Array, angles: jax.Array, mask: AttentionMask,
+                 token_mask: jax.Array | None = None) -> tuple[jax.Array, MoEStats | None]:
+        """-> (x, MoEStats with a leading [n] layer axis, or None for dense stacks)."""
         graphdef, state = nnx.split(self.layers)
 
         def body(h, layer_state):
-            return nnx.merge(graphdef, layer_state)(h, angles, mask), None
+            return nnx.merge(graphdef, layer_state)(h, angles, mask, token_mask)
 
-        x, _ = jax.lax.scan(remat(body, self.remat_policy), x, state)
-        return x
+        return jax.lax.scan(remat(body, self.remat_policy), x, state)
 
 
 def layer_segments(config: ErnieConfig) -> list[tuple[str, int]]:
@@ -88,7 +94,14 @@ class Decoder(nnx.Module):
     def __init__(self, config: ErnieConfig, *, rngs: nnx.Rngs):
         self.stacks = nnx.List([LayerStack(config, kind, n, rngs=rngs) for kind, n in layer_segments(config)])
 
-    def __call__(self, x: jax.Array, angles: jax.Array, mask: AttentionMask) -> jax.Array:
+    def __call__(self, x: jax.Array, angles: jax.Array, mask: AttentionMask,
+                 token_mask: jax.Array | None = None) -> tuple[jax.Array, MoEStats | None]:
+        """-> (x, MoEStats stacked over all MoE layers in depth order, or None)."""
+        stats = []
         for stack in self.stacks:
-            x = stack(x, angles, mask)
-        return x
+            x, st = stack(x, angles, mask, token_mask)
+            if st is not None:
+                stats.append(st)
+        if not stats:
+            return x, None
+        return x, jax.tree.map(lambda *a: jnp.concatenate(a), *stats)

@@ -14,8 +14,9 @@ from flax import nnx, struct
 from ernie_jax.config import ErnieConfig
 from ernie_jax.model.attention import AttentionMask
 from ernie_jax.model.decoder import Decoder
+from ernie_jax.model.moe import MoEStats
 from ernie_jax.model.norm import RMSNorm
-from ernie_jax.model.params import normal_param
+from ernie_jax.model.params import const_param, normal_param
 from ernie_jax.model.rope import rope_angles
 from ernie_jax.sharding import shard
 
@@ -24,6 +25,7 @@ from ernie_jax.sharding import shard
 class CausalLMOutput:
     logits: jax.Array  # [B, S, V] fp32
     hidden_states: jax.Array  # [B, S, H] after the final norm
+    moe_stats: MoEStats | None = None  # router statistics, leading axis = MoE layers in depth order
 
 
 class ErnieForCausalLM(nnx.Module):
@@ -38,6 +40,8 @@ class ErnieForCausalLM(nnx.Module):
         if not c.tie_word_embeddings:
             self.lm_head = normal_param(rngs, (c.hidden_size, c.vocab_size), ("embed", "vocab"),
                                         std=c.initializer_range, dtype=pd)
+        if c.model_type == "ernie4_5_moe" and c.use_bias:  # transformers' MoE head is Linear(bias=use_bias)
+            self.lm_head_bias = const_param(0.0, (c.vocab_size,), ("vocab",), dtype=pd)
 
     def __call__(self, input_ids: jax.Array, *, positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None, attention_mask: jax.Array | None = None) -> CausalLMOutput:
@@ -57,8 +61,12 @@ class ErnieForCausalLM(nnx.Module):
         x = jnp.take(self.embed[...].astype(dt), input_ids, axis=0)
         x = shard(x, ("act_batch", "act_length", "act_embed"))
         angles = rope_angles(positions, c.head_dim, c.rope_theta)
-        x = self.decoder(x, angles, mask)
+        token_mask = None if attention_mask is None else attention_mask.astype(bool)
+        x, moe_stats = self.decoder(x, angles, mask, token_mask)
         h = self.final_norm(x)
         head = self.embed[...].T if c.tie_word_embeddings else self.lm_head[...]
         logits = jnp.einsum("BSH,HV->BSV", h, head.astype(dt), preferred_element_type=jnp.float32)
-        return CausalLMOutput(logits=shard(logits, ("act_batch", "act_length", "act_vocab")), hidden_states=h)
+        if hasattr(self, "lm_head_bias"):
+            logits = logits + self.lm_head_bias[...].astype(dt)
+        return CausalLMOutput(logits=shard(logits, ("act_batch", "act_length", "act_vocab")), hidden_states=h,
+                              moe_stats=moe_stats)

@@ -7,19 +7,14 @@ import pytest
 
 from ernie_jax import count_params, create_model, get_preset
 
-COUNTS = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "reference", "hf-configs",
-                      "param_counts.json")
+# transformers' meta-device parameter counts of the released models (a copy of shared/reference)
+COUNTS = json.load(open(os.path.join(os.path.dirname(__file__), "..", "data", "hf_configs", "param_counts.json")))
 
 
-def _reference_counts():
-    if not os.path.exists(COUNTS):
-        pytest.skip(f"{COUNTS} not present")
-    return json.load(open(COUNTS))
-
-
-def test_dense_released_param_count_exact():
-    """Counted abstractly (no memory) against transformers' meta-device count."""
-    assert count_params(get_preset("ernie-4.5-0.3b")) == _reference_counts()["ernie-4.5-0.3b"]
+@pytest.mark.parametrize("name", ["ernie-4.5-0.3b", "ernie-4.5-21b-a3b", "ernie-4.5-300b-a47b"])
+def test_released_param_count_exact(name):
+    """Counted abstractly with jax.eval_shape (no memory)."""
+    assert count_params(get_preset(name)) == COUNTS[name]
 
 
 def test_count_matches_materialised_model():

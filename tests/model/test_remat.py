@@ -25,7 +25,7 @@ def _saved_names(policy):
     c = get_preset("tiny-test")
     g, st = nnx.split(DecoderLayer(c, "dense", rngs=nnx.Rngs(0)))
     ang = rope_angles(jnp.arange(4)[None], c.head_dim, c.rope_theta)
-    f = remat(lambda st, x: nnx.merge(g, st)(x, ang, AttentionMask()).sum(), policy)
+    f = remat(lambda st, x: nnx.merge(g, st)(x, ang, AttentionMask())[0].sum(), policy)
     buf = io.StringIO()
     with redirect_stdout(buf):
         jax.ad_checkpoint.print_saved_residuals(f, st, jnp.ones((1, 4, c.hidden_size)))
