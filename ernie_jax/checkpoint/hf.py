@@ -35,8 +35,8 @@ log = logging.getLogger(__name__)
 
 _ARCHITECTURES = {"ernie4_5": "Ernie4_5ForCausalLM", "ernie4_5_moe": "Ernie4_5_MoeForCausalLM",
                   "ernie4_5_vl_moe": "Ernie4_5_VLMoeForConditionalGeneration"}
-# Keys transformers itself drops on load (MTP weights of the 21B / 300B checkpoints).
-_IGNORED_PREFIXES = ("model.mtp_",)
+# MTP weights (21B / 300B checkpoints): transformers drops them; we load them when the config has MTP depths.
+_MTP_PREFIX = "model.mtp_"
 
 
 class CheckpointError(ValueError):
@@ -146,6 +146,13 @@ def param_rules(config: ErnieConfig) -> list[Rule]:
             rules.append(Rule(f"model.layers.{{i}}.{hf}", ("decoder", "stacks", s, "layers") + ours, to_ours,
                               to_hf, layers, experts, fp32))
         start += n
+    for d in range(c.num_nextn_predict_layers):
+        rules += [Rule(f"model.mtp_emb_norm.{d}.weight", ("mtp", d, "emb_norm", "scale"), _ident, _ident),
+                  Rule(f"model.mtp_hidden_norm.{d}.weight", ("mtp", d, "hidden_norm", "scale"), _ident, _ident),
+                  Rule(f"model.mtp_linear_proj.{d}.weight", ("mtp", d, "proj"), _t, _t)]  # [H, 2H] <-> [2H, H]
+        per_layer = _dense_layer_rules(c) + _mlp_rules("mlp", ("mlp",), c.use_bias)
+        rules += [Rule(f"model.mtp_block.{d}.{hf}", ("mtp", d, "layer") + ours, to_ours, to_hf)
+                  for hf, ours, to_ours, to_hf in per_layer]
     return rules
 
 
@@ -186,11 +193,13 @@ def check_checkpoint(files: dict[str, SafetensorsFile], config: ErnieConfig, rul
     """Raises CheckpointError listing every missing / unexpected key and shape mismatch."""
     expected = _expected_shapes(rules, flat)
     present = set(files)
-    ignored = {k for k in present if k.startswith(_IGNORED_PREFIXES)}
+    ignored = set()
+    if not config.num_nextn_predict_layers:  # like transformers, drop MTP weights the model has no place for
+        ignored |= {k for k in present if k.startswith(_MTP_PREFIX)}
     if c_tied := config.tie_word_embeddings:
         ignored |= {"lm_head.weight"} & present  # transformers re-ties it to the embedding
     if ignored:
-        log.warning("%s: ignoring %d key(s) transformers also ignores: %s", where, len(ignored), sorted(ignored)[:8])
+        log.warning("%s: ignoring %d key(s) (as transformers does): %s", where, len(ignored), sorted(ignored)[:8])
     problems = []
     missing = sorted(set(expected) - present)
     unexpected = sorted(present - set(expected) - ignored)

@@ -37,7 +37,7 @@ def abstract_model(config: ErnieConfig) -> nnx.Module:
 
 def count_params(config: ErnieConfig) -> int:
     """Number of parameters, computed abstractly. Like transformers' count it includes the routers'
-    correction biases, which are not trained by gradients."""
+    correction biases (not trained by gradients); unlike it, the MTP block when the config has one."""
     state = nnx.state(abstract_model(config))
     return sum(math.prod(x.shape) for x in jax.tree.leaves(state))
 

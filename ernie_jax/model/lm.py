@@ -15,6 +15,7 @@ from ernie_jax.config import ErnieConfig
 from ernie_jax.model.attention import AttentionMask
 from ernie_jax.model.decoder import Decoder
 from ernie_jax.model.moe import MoEStats
+from ernie_jax.model.mtp import MTPDepth
 from ernie_jax.model.norm import RMSNorm
 from ernie_jax.model.params import const_param, normal_param
 from ernie_jax.model.rope import rope_angles
@@ -26,6 +27,7 @@ class CausalLMOutput:
     logits: jax.Array  # [B, S, V] fp32
     hidden_states: jax.Array  # [B, S, H] after the final norm
     moe_stats: MoEStats | None = None  # router statistics, leading axis = MoE layers in depth order
+    mtp_logits: jax.Array | None = None  # [D, B, S, V] fp32: depth d predicts the token d + 1 ahead
 
 
 class ErnieForCausalLM(nnx.Module):
@@ -40,16 +42,21 @@ class ErnieForCausalLM(nnx.Module):
         if not c.tie_word_embeddings:
             self.lm_head = normal_param(rngs, (c.hidden_size, c.vocab_size), ("embed", "vocab"),
                                         std=c.initializer_range, dtype=pd)
+        if c.num_nextn_predict_layers:
+            self.mtp = nnx.List([MTPDepth(c, rngs=rngs) for _ in range(c.num_nextn_predict_layers)])
         if c.model_type == "ernie4_5_moe" and c.use_bias:  # transformers' MoE head is Linear(bias=use_bias)
             self.lm_head_bias = const_param(0.0, (c.vocab_size,), ("vocab",), dtype=pd)
 
     def __call__(self, input_ids: jax.Array, *, positions: jax.Array | None = None,
-                 segment_ids: jax.Array | None = None, attention_mask: jax.Array | None = None) -> CausalLMOutput:
+                 segment_ids: jax.Array | None = None, attention_mask: jax.Array | None = None,
+                 mtp_input_ids: jax.Array | None = None) -> CausalLMOutput:
         """input_ids [B, S] int.
 
         positions [B, S]: RoPE positions (default 0..S-1; restart per document for packed rows).
         segment_ids [B, S]: packed-document ids; tokens attend only within their segment.
         attention_mask [B, S]: 1 for real tokens, 0 for padding keys (transformers' convention).
+        mtp_input_ids [D, B, S]: inputs of the MTP depths (depth d: the sequence shifted left by d, see
+          `mtp_inputs`); MTP logits are computed only when given (training), and D must equal the config's.
         """
         c = self.config
         b, s = input_ids.shape
@@ -64,9 +71,23 @@ class ErnieForCausalLM(nnx.Module):
         token_mask = None if attention_mask is None else attention_mask.astype(bool)
         x, moe_stats = self.decoder(x, angles, mask, token_mask)
         h = self.final_norm(x)
+        mtp_logits = None
+        if mtp_input_ids is not None:
+            if mtp_input_ids.shape != (c.num_nextn_predict_layers, b, s):
+                raise ValueError(f"mtp_input_ids must be [D={c.num_nextn_predict_layers}, {b}, {s}], "
+                                 f"got {mtp_input_ids.shape}")
+            hd, outs = x, []
+            for depth, ids_d in zip(self.mtp, mtp_input_ids):
+                hd = depth(jnp.take(self.embed[...].astype(dt), ids_d, axis=0), hd, angles, mask)
+                outs.append(self._head(self.final_norm(hd)))
+            mtp_logits = jnp.stack(outs)
+        return CausalLMOutput(logits=self._head(h), hidden_states=h, moe_stats=moe_stats, mtp_logits=mtp_logits)
+
+    def _head(self, h: jax.Array) -> jax.Array:
+        """[B, S, H] -> fp32 logits [B, S, V] (the tied embedding or lm_head, plus the MoE head's bias)."""
+        c = self.config
         head = self.embed[...].T if c.tie_word_embeddings else self.lm_head[...]
-        logits = jnp.einsum("BSH,HV->BSV", h, head.astype(dt), preferred_element_type=jnp.float32)
+        logits = jnp.einsum("BSH,HV->BSV", h, head.astype(h.dtype), preferred_element_type=jnp.float32)
         if hasattr(self, "lm_head_bias"):
-            logits = logits + self.lm_head_bias[...].astype(dt)
-        return CausalLMOutput(logits=shard(logits, ("act_batch", "act_length", "act_vocab")), hidden_states=h,
-                              moe_stats=moe_stats)
+            logits = logits + self.lm_head_bias[...].astype(h.dtype)
+        return shard(logits, ("act_batch", "act_length", "act_vocab"))

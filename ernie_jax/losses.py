@@ -1,0 +1,59 @@
+"""Losses of ERNIE-4.5 pre-training that live outside the model: router losses and MTP.
+
+Router losses read the per-layer `MoEStats` the forward returns (leading axis = MoE layers):
+- `moe_aux_loss`: transformers' `load_balancing_loss_func` exactly (counts from plain top-k of the probs,
+  no correction bias; sums accumulated over layers, then `E * sum_e f_e * P_e`);
+- `router_z_loss`: per layer the mean over real tokens of logsumexp(logits)^2, summed over layers;
+- `router_orthogonal_loss`: per router, rows of W (one per expert) L2-normalised,
+  `||W W^T - I||_F^2 / E^2`, summed over layers.
+The token-balanced LM loss and the way these are combined belong to the trainer.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ernie_jax.model.moe import MoEStats
+
+
+def moe_aux_loss(stats: MoEStats) -> jax.Array:
+    """Load-balancing loss as transformers computes it; ~k when routing is balanced."""
+    n = jnp.maximum(jnp.sum(stats.num_tokens), 1.0)
+    f = jnp.sum(stats.topk_count, axis=0) / n
+    p = jnp.sum(stats.prob_sum, axis=0) / n
+    return stats.topk_count.shape[-1] * jnp.sum(f * p)
+
+
+def router_z_loss(stats: MoEStats) -> jax.Array:
+    """Sum over MoE layers of mean_t logsumexp(router logits)^2."""
+    return jnp.sum(stats.z_sum / jnp.maximum(stats.num_tokens, 1.0))
+
+
+def router_orthogonal_loss(kernel: jax.Array, eps: float = 1e-12) -> jax.Array:
+    """kernel [..., H, E] (our router layout; leading axes = layers, summed) -> scalar."""
+    w = jnp.swapaxes(kernel, -1, -2).astype(jnp.float32)  # [..., E, H], a row per expert
+    w = w / jnp.maximum(jnp.linalg.norm(w, axis=-1, keepdims=True), eps)
+    e = w.shape[-2]
+    gram = jnp.einsum("...EH,...FH->...EF", w, w, precision=jax.lax.Precision.HIGHEST)
+    return jnp.sum(jnp.square(gram - jnp.eye(e)) / e**2)
+
+
+def expert_load(stats: MoEStats) -> dict[str, jax.Array]:
+    """For logging: slots per expert [L, E] and per layer the max / mean load (1 = perfectly balanced)."""
+    mean = jnp.maximum(jnp.mean(stats.usage, axis=-1), 1e-9)
+    return {"tokens_per_expert": stats.usage, "max_over_mean": jnp.max(stats.usage, axis=-1) / mean,
+            "min_over_mean": jnp.min(stats.usage, axis=-1) / mean}
+
+
+def mtp_loss(mtp_logits: jax.Array, mtp_targets: jax.Array, mask: jax.Array) -> jax.Array:
+    """Mean over depths of the masked mean token cross-entropy.
+
+    mtp_logits [D, B, S, V], mtp_targets [D, B, S] (the main targets shifted left by d), mask [D, B, S].
+    The trainer adds it with weight `lambda_mtp` (0.3 in Baidu's code).
+    """
+    logp = jax.nn.log_softmax(mtp_logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, mtp_targets[..., None], axis=-1)[..., 0]
+    m = mask.astype(jnp.float32)
+    per_depth = jnp.sum(nll * m, axis=(1, 2)) / jnp.maximum(jnp.sum(m, axis=(1, 2)), 1.0)
+    return jnp.mean(per_depth)
