@@ -1,0 +1,2 @@
+"""Pallas kernels for ernie-jax, TPU first: each kernel package holds the `pallas_call` (kernel.py), the
+differentiable op with its tiling heuristics (ops.py) and a plain-JAX oracle (reference.py)."""
