@@ -8,6 +8,7 @@ Three interchangeable dispatch paths (`ErnieConfig.moe_dispatch`), equal wheneve
   dropped (first choices of every token win over second choices). The fallback and an oracle.
 - `dense`: every expert on every token, weighted by the (mostly zero) routing matrix. The plain oracle.
 The block also returns `MoEStats`, the per-layer sums the router losses and load balancing need.
+On a mesh with an `expert` axis > 1 the dropless path runs expert-parallel (`expert_parallel`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from flax import nnx, struct
 from jax.ad_checkpoint import checkpoint_name
 
 from ernie_jax.config import ErnieConfig
+from ernie_jax.model.expert_parallel import dropless_expert_parallel, expert_parallel_plan
 from ernie_jax.model.gmm import grouped_matmul
 from ernie_jax.model.mlp import ACTIVATIONS, MLP
 from ernie_jax.model.params import normal_param
@@ -148,7 +150,11 @@ class MoEBlock(nnx.Module):
         b, s, h = x.shape
         xt = x.reshape(b * s, h)
         r = self.router(xt)
-        if c.moe_dispatch == "dropless":
+        plan = expert_parallel_plan(c.moe_num_experts, b * s) if c.moe_dispatch == "dropless" else None
+        if plan is not None:  # experts split over the `expert` mesh axis, all-to-all token exchange
+            y = dropless_expert_parallel(xt, r, *self.experts.weights(xt.dtype), plan=plan,
+                                         act=ACTIVATIONS[self.experts.act], impl=c.moe_gmm_impl, tile=c.moe_gmm_tile)
+        elif c.moe_dispatch == "dropless":
             y = self.experts.dropless(xt, r, impl=c.moe_gmm_impl, tile=c.moe_gmm_tile)
         elif c.moe_dispatch == "capacity":
             y = self.experts.capacity(xt, r, capacity_factor=c.moe_capacity_factor)
