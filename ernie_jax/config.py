@@ -128,6 +128,8 @@ class ErnieConfig:
     moe_gmm_tile: int = 0  # rows per tile of the `tiled` grouped matmul (0 = from shapes)
 
     def __post_init__(self):
+        if self.moe_layer_end_index == self.num_hidden_layers - 1:  # canonical "to the last layer" is -1
+            object.__setattr__(self, "moe_layer_end_index", -1)
         if isinstance(self.moe_intermediate_size, int):  # accept a bare int like transformers does
             object.__setattr__(self, "moe_intermediate_size", (self.moe_intermediate_size,))
         else:

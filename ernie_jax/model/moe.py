@@ -37,7 +37,7 @@ class MoEStats:
     prob_sum: jax.Array  # [E] sum over tokens of the router probabilities
     num_tokens: jax.Array  # [] number of real tokens
     z_sum: jax.Array  # [] sum over tokens of logsumexp(logits)^2
-    usage: jax.Array  # [E] slots actually dispatched per expert (selection with the correction bias)
+    usage: jax.Array  # [E] slots routed per expert (selection with the correction bias, before capacity drops)
 
 
 @jax.custom_vjp

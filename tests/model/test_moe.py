@@ -1,0 +1,238 @@
+"""The MoE block: its three dispatch paths agree (values and gradients) whenever nothing is dropped, the
+capacity path drops exactly the slots GShard's queue order says, and MoEStats reproduce transformers' aux loss.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import ernie_jax
+from ernie_jax import get_preset
+from ernie_jax.model.moe import Experts, MoEBlock, permute_rows
+from ernie_jax.model.router import RouterBias, Routing
+
+CFG = get_preset("tiny-moe-test", moe_layer_end_index=2)  # 8 experts, top-2, 1 shared expert
+E, K, H = CFG.moe_num_experts, CFG.moe_k, CFG.hidden_size
+
+
+def _randomise(module, seed, std=0.2, bias_std=0.05):
+    """Random values everywhere (norm scales ~1) and a non-zero correction bias; works on abstract modules."""
+    r = np.random.RandomState(seed)
+    g, st = nnx.split(module)
+    flat = []
+    for path, v in nnx.to_flat_state(st):
+        shape, dt = v.get_value().shape, v.get_value().dtype
+        noise = r.randn(*shape)
+        val = 1 + 0.1 * noise if path[-1] == "scale" else (bias_std if isinstance(v, RouterBias) else std) * noise
+        flat.append((path, v.replace(jnp.asarray(val, dt))))
+    return nnx.merge(g, nnx.from_flat_state(flat))
+
+
+def _block(seed=0, **changes):
+    return _randomise(nnx.eval_shape(lambda: MoEBlock(CFG.replace(**changes), rngs=nnx.Rngs(0))), seed)
+
+
+def _x(b=2, s=16, seed=1):
+    return jnp.asarray(np.random.RandomState(seed).randn(b, s, H), jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _block_run(g, st, x, cot, mask):
+    """-> (y, stats, (d state, d x)) of sum(y * cot)."""
+    def f(st, x):
+        y, stats = nnx.merge(g, st)(x, mask)
+        return jnp.sum(y * cot), (y, stats)
+
+    (_, (y, stats)), grads = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(st, x)
+    return y, stats, grads
+
+
+def _run(block, x, mask=None, seed=2):
+    cot = jnp.asarray(np.random.RandomState(seed).randn(*x.shape), jnp.float32)
+    return _block_run(*nnx.split(block), x, cot, mask)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _route_jit(g, st, xt):
+    return nnx.merge(g, st)(xt)
+
+
+def _route(block, x):
+    return _route_jit(*nnx.split(block.router), x.reshape(-1, H))
+
+
+def _expert_out(ex, xt):
+    """f_e(x) for every expert and token (numpy, float64): [E, T, H]."""
+    wg, wu, wo = (np.asarray(w[...], np.float64) for w in (ex.wi_gate, ex.wi_up, ex.wo))
+    x = np.asarray(xt, np.float64)
+    gate, up = np.einsum("TH,EHI->ETI", x, wg), np.einsum("TH,EHI->ETI", x, wu)
+    return np.einsum("ETI,EIH->ETH", gate / (1 + np.exp(-gate)) * up, wo)
+
+
+# ------------------------------------------------------------------------------------- dispatch paths
+PATHS = {
+    "dropless_tiled": dict(moe_dispatch="dropless", moe_gmm_impl="tiled"),
+    "dropless_ragged_dot": dict(moe_dispatch="dropless", moe_gmm_impl="ragged_dot"),
+    "capacity_no_drop": dict(moe_dispatch="capacity", moe_capacity_factor=E / K),  # capacity = T: never full
+    "dense": dict(moe_dispatch="dense"),
+}
+
+
+@pytest.fixture(scope="module")
+def dense_reference():
+    x = _x()
+    return x, _run(_block(moe_dispatch="dense"), x)
+
+
+@pytest.mark.parametrize("path", [p for p in PATHS if p != "dense"])
+def test_dispatch_paths_agree_values_and_gradients(path, dense_reference):
+    x, (y_ref, _, (g_ref, gx_ref)) = dense_reference
+    y, _, (g, gx) = _run(_block(**PATHS[path]), x)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(gx), np.asarray(gx_ref), atol=1e-5, rtol=1e-5)
+    for (p, a), (_, b) in zip(nnx.to_flat_state(g), nnx.to_flat_state(g_ref)):
+        np.testing.assert_allclose(np.asarray(a.get_value()), np.asarray(b.get_value()), atol=1e-5, rtol=1e-5,
+                                   err_msg=str(p))
+
+
+def test_capacity_queue_order_hand_made():
+    """E=2, k=2, capacity 2. Queues hold all first choices in token order, then all second choices:
+    expert 0: [t0, t2, t3 | t1] -> keeps t0, t2; expert 1: [t1 | t0, t2, t3] -> keeps t1, t0.
+    So t1's first choice beats t0's second one, and t3 (later) loses its first choice to t0 and t2."""
+    ex = _randomise(nnx.eval_shape(lambda: Experts(2, H, 16, act="silu", std=0.02, param_dtype=jnp.float32,
+                                                   rngs=nnx.Rngs(0))), 3)
+    x = jnp.asarray(np.random.RandomState(4).randn(4, H), jnp.float32)
+    ids = np.array([[0, 1], [1, 0], [0, 1], [0, 1]], np.int32)
+    w = np.random.RandomState(5).uniform(0.2, 1.0, (4, 2)).astype(np.float32)
+    r = Routing(logits=jnp.zeros((4, 2)), probs=jnp.zeros((4, 2)), expert_ids=jnp.asarray(ids), weights=jnp.asarray(w))
+    out = np.asarray(ex.capacity(x, r, capacity_factor=0.5))  # C = ceil(0.5 * 4 * 2 / 2) = 2
+    kept = np.array([[1, 1], [1, 0], [1, 0], [0, 0]], bool)
+    f = _expert_out(ex, x)
+    ref = np.stack([sum(w[t, j] * f[ids[t, j], t] for j in range(2) if kept[t, j]) + np.zeros(H) for t in range(4)])
+    np.testing.assert_allclose(out, ref, atol=1e-6)
+    assert not out[3].any()
+
+
+def test_capacity_drops_only_slots_past_the_queue_end(dense_reference):
+    """A small capacity factor: the output differs from dropless exactly by the dropped slots' terms."""
+    x, (y_full, _, _) = dense_reference
+    cf = 0.5
+    blk = _block(moe_dispatch="capacity", moe_capacity_factor=cf)
+    y, _, _ = _run(blk, x)
+    t = x.shape[0] * x.shape[1]
+    cap = int(np.ceil(cf * t * K / E))
+    r = _route(blk, x)
+    ids, w = np.asarray(r.expert_ids), np.asarray(r.weights, np.float64)
+    kept, fill = np.zeros((t, K), bool), np.zeros(E, int)
+    for j in range(K):  # first choices of all tokens (in order), then second choices
+        for i in range(t):
+            kept[i, j] = fill[ids[i, j]] < cap
+            fill[ids[i, j]] += 1
+    lost = ~kept.all(1)
+    assert 0 < lost.sum() < t and (~kept[:, 1]).sum() > (~kept[:, 0]).sum()
+    f = _expert_out(blk.experts, x.reshape(t, H))
+    dropped = np.stack([sum(w[i, j] * f[ids[i, j], i] for j in range(K) if not kept[i, j]) + np.zeros(H)
+                        for i in range(t)])
+    y, y_full = np.asarray(y).reshape(t, H), np.asarray(y_full).reshape(t, H)
+    np.testing.assert_allclose(y, y_full - dropped, atol=1e-5)
+    np.testing.assert_allclose(y[~lost], y_full[~lost], atol=1e-5)
+    assert np.abs(y[lost] - y_full[lost]).max(1).min() > 1e-3
+
+
+def test_permute_rows_gradient_is_the_gather_gradient():
+    rs = np.random.RandomState(0)
+    x = jnp.asarray(rs.randn(12, 5), jnp.float32)
+    order = jnp.asarray(rs.permutation(12), jnp.int32)
+    inverse = jnp.argsort(order)
+    cot = jnp.asarray(rs.randn(12, 5), jnp.float32)
+    np.testing.assert_array_equal(np.asarray(permute_rows(x, order, inverse)), np.asarray(x[order]))
+    g = jax.grad(lambda x: jnp.sum(permute_rows(x, order, inverse) * cot))(x)
+    g_ref = jax.grad(lambda x: jnp.sum(x[order] * cot))(x)
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(g_ref))
+
+
+# ------------------------------------------------------------------------------------------ statistics
+def _np_stats(logits, bias, mask):
+    """MoEStats from one layer's router logits [T, E] (float64 numpy)."""
+    z = np.asarray(logits, np.float64)
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    m = np.ones(len(z)) if mask is None else np.asarray(mask, np.float64).reshape(-1)
+
+    def counts(ids):
+        return np.stack([(m[:, None] * (ids == e)).sum() for e in range(E)])
+
+    lse = np.log(np.exp(z).sum(-1))
+    return dict(topk_count=counts(np.argsort(-p, -1)[:, :K]), prob_sum=(m[:, None] * p).sum(0),
+                num_tokens=m.sum(), z_sum=(m * lse ** 2).sum(), usage=counts(np.argsort(-(p + bias), -1)[:, :K]))
+
+
+def _check_stats(stats, ref):
+    for k, v in ref.items():
+        np.testing.assert_allclose(np.asarray(getattr(stats, k)), v, rtol=1e-5, atol=1e-5, err_msg=k)
+
+
+def test_block_stats_with_token_mask(dense_reference):
+    x, _ = dense_reference
+    blk = _block()
+    mask = np.ones(x.shape[:2], bool)
+    mask[0, 10:] = False
+    mask[1, :3] = False
+    _, stats, _ = _run(blk, x, jnp.asarray(mask))
+    r = _route(blk, x)
+    ref = _np_stats(r.logits, np.asarray(blk.router.bias[...]), mask)
+    # the bias changes the selection (so usage != topk_count), and the other tests' routing is non-trivial
+    assert (ref["topk_count"] != ref["usage"]).any()
+    _check_stats(stats, ref)
+
+
+def _random_model(cfg, seed):
+    return _randomise(ernie_jax.abstract_model(cfg), seed, std=0.1)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _lm_stats(g, st, ids, am):
+    """MoEStats without and with the attention mask (one compile)."""
+    model = nnx.merge(g, st)
+    return model(ids).moe_stats, model(ids, attention_mask=am).moe_stats
+
+
+@pytest.mark.hf
+def test_stats_reproduce_transformers_aux_loss(tmp_path):
+    """HF's load_balancing_loss_func (plain top-k, no bias, padding excluded) from MoEStats summed over the
+    MoE layers, on the router logits of transformers running the same weights; per-layer stats in depth order."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.ernie4_5_moe.modeling_ernie4_5_moe import load_balancing_loss_func
+
+    cfg = get_preset("tiny-moe-test", num_hidden_layers=4, moe_layer_interval=2, moe_layer_end_index=3)
+    moe_layers = [i for i in range(4) if cfg.is_moe_layer(i)]
+    assert moe_layers == [1, 3]  # two MoE stacks separated by a dense one
+    ours = _random_model(cfg, seed=0)
+    ernie_jax.save_pretrained(ours, tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager",
+                                                           experts_implementation="eager").eval()
+    ids = np.random.RandomState(0).randint(0, cfg.vocab_size, (2, 12))
+    am = np.ones_like(ids)
+    am[0, 9:] = 0  # right padding
+    am[1, :2] = 0  # left padding
+    g, st = nnx.split(ours)
+    biases = [np.asarray(ours.decoder.stacks[s].layers.mlp.router.bias[...][0]) for s in (1, 3)]
+    for mask, stats in zip((None, am), _lm_stats(g, st, jnp.asarray(ids), jnp.asarray(am))):
+        with torch.no_grad():
+            out = hf(torch.tensor(ids), attention_mask=None if mask is None else torch.tensor(mask),
+                     output_router_logits=True)
+        logits = [z.numpy() for z in out.router_logits]
+        assert len(logits) == 2 and logits[0].shape == (24, E)
+        assert stats.topk_count.shape == (2, E)
+        for layer in range(2):
+            _check_stats(jax.tree.map(lambda a: a[layer], stats), _np_stats(logits[layer], biases[layer], mask))
+        n = stats.num_tokens.sum()
+        aux = E * jnp.sum(stats.topk_count.sum(0) / n * stats.prob_sum.sum(0) / n)
+        ref = load_balancing_loss_func(out.router_logits, E, K, None if mask is None else torch.tensor(mask))
+        np.testing.assert_allclose(float(aux), float(ref), rtol=1e-6)
+        np.testing.assert_allclose(float(aux), float(out.aux_loss), rtol=1e-6)
