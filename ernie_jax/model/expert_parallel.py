@@ -43,6 +43,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from ernie_jax.model.gmm import grouped_matmul
+from ernie_jax.model.permute import gather_rows, permute_rows, sort_permutation
 from ernie_jax.model.router import Routing
 from ernie_jax.sharding import current_rules, logical_to_spec, resolve_rules
 
@@ -81,46 +82,14 @@ def expert_parallel_plan(num_experts: int, num_tokens: int) -> EPPlan | None:
     return EPPlan(ep=ep, token_axes=token_axes)
 
 
-@jax.custom_vjp
-def gather_rows(x: jax.Array, idx: jax.Array, valid: jax.Array, inv_idx: jax.Array,
-                inv_valid: jax.Array) -> jax.Array:
-    """out[p] = x[idx[p]] where valid[p] else 0, for a partial bijection p <-> idx[p]; (inv_idx, inv_valid)
-    is its inverse on x's rows. The cotangent is the gather g[inv_idx] (no scatter-add)."""
-    return jnp.where(valid[:, None], x[idx], 0)
-
-
-def _gather_fwd(x, idx, valid, inv_idx, inv_valid):
-    return gather_rows(x, idx, valid, inv_idx, inv_valid), (idx, valid, inv_idx, inv_valid)
-
-
-def _gather_bwd(res, g):
-    idx, valid, inv_idx, inv_valid = res
-    return jnp.where(inv_valid[:, None], g[inv_idx], 0), None, None, None, None
-
-
-gather_rows.defvjp(_gather_fwd, _gather_bwd)
-
-
-def _sort_perm(keys: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(order, inverse): the stable sort of keys and its inverse permutation."""
-    order = jnp.argsort(keys, stable=True)
-    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
-    return order, inverse
-
-
-def _permute(x, order, inverse):
-    true = jnp.ones(order.shape, bool)
-    return gather_rows(x, order, true, inverse, true)
-
-
 def _local(x, ids, w, wg, wu, wo, *, ep: int, cap: int, act: Callable, impl: str, tile: int):
     """One shard: x [T_l, H], ids/w [T_l, k], wg/wu [E_l, H, I], wo [E_l, I, H] -> [T_l, H]."""
     t, k = ids.shape
     n, el, h = t * k, wg.shape[0], x.shape[1]
     # 1. slots sorted by (global) expert, hence by destination shard
     flat = ids.reshape(-1)
-    order, inverse = _sort_perm(flat)
-    xs = _permute(jnp.repeat(x, k, axis=0), order, inverse)  # [n, H]
+    order, inverse = sort_permutation(flat)
+    xs = permute_rows(jnp.repeat(x, k, axis=0), order, inverse)  # [n, H]
     sorted_ids = flat[order]
     dest = sorted_ids // el
     send_sizes = jnp.bincount(dest, length=ep)
@@ -139,17 +108,17 @@ def _local(x, ids, w, wg, wu, wo, *, ep: int, cap: int, act: Callable, impl: str
     recv = a2a(send.reshape(ep, cap, h)).reshape(ep * cap, h)
     recv_lid = a2a(send_lid.reshape(ep, cap)).reshape(-1)
     # 3. local experts on the received rows, padding sorted last
-    order2, inverse2 = _sort_perm(recv_lid)
+    order2, inverse2 = sort_permutation(recv_lid)
     sizes = jnp.bincount(recv_lid, length=el)  # the padding id el is out of range: not counted
-    xr = _permute(recv, order2, inverse2)
+    xr = permute_rows(recv, order2, inverse2)
     gate = grouped_matmul(xr, wg, sizes, impl=impl, tile=tile)
     up = grouped_matmul(xr, wu, sizes, impl=impl, tile=tile)
     hid = checkpoint_name(act(gate) * up, "moe_hidden")
-    yr = _permute(grouped_matmul(hid, wo, sizes, impl=impl, tile=tile), inverse2, order2)
+    yr = permute_rows(grouped_matmul(hid, wo, sizes, impl=impl, tile=tile), inverse2, order2)
     # 4. back to the senders, slot order, token order
     back = a2a(yr.reshape(ep, cap, h)).reshape(ep * cap, h)
     ys = gather_rows(back, slot_dst, slot_valid, buf_src, buf_valid)  # [n, H] sorted order
-    y = _permute(ys, inverse, order).reshape(t, k, h)
+    y = permute_rows(ys, inverse, order).reshape(t, k, h)
     return jnp.einsum("TKH,TK->TH", y, w.astype(y.dtype))
 
 

@@ -25,6 +25,7 @@ from ernie_jax.model.expert_parallel import dropless_expert_parallel, expert_par
 from ernie_jax.model.gmm import grouped_matmul
 from ernie_jax.model.mlp import ACTIVATIONS, MLP
 from ernie_jax.model.params import normal_param
+from ernie_jax.model.permute import permute_rows, sort_permutation
 from ernie_jax.model.router import Router, Routing
 from ernie_jax.sharding import shard
 
@@ -38,24 +39,6 @@ class MoEStats:
     num_tokens: jax.Array  # [] number of real tokens
     z_sum: jax.Array  # [] sum over tokens of logsumexp(logits)^2
     usage: jax.Array  # [E] slots routed per expert (selection with the correction bias, before capacity drops)
-
-
-@jax.custom_vjp
-def permute_rows(x: jax.Array, order: jax.Array, inverse: jax.Array) -> jax.Array:
-    """x[order], whose cotangent is g[inverse] (order and inverse are inverse permutations)."""
-    return x[order]
-
-
-def _permute_fwd(x, order, inverse):
-    return x[order], (order, inverse)
-
-
-def _permute_bwd(res, g):
-    order, inverse = res
-    return g[inverse], None, None
-
-
-permute_rows.defvjp(_permute_fwd, _permute_bwd)
 
 
 class Experts(nnx.Module):
@@ -78,8 +61,7 @@ class Experts(nnx.Module):
         e = self.wi_gate.shape[0]
         wg, wu, wo = self.weights(x.dtype)
         flat = r.expert_ids.reshape(-1)  # slot s = token s // k, choice s % k
-        order = jnp.argsort(flat, stable=True)
-        inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+        order, inverse = sort_permutation(flat)
         sizes = jnp.bincount(flat, length=e)
         xs = permute_rows(jnp.repeat(x, k, axis=0), order, inverse)  # [T*k, H] sorted by expert
         gate = grouped_matmul(xs, wg, sizes, impl=impl, tile=tile)

@@ -12,7 +12,8 @@ from flax import nnx
 
 import ernie_jax
 from ernie_jax import get_preset
-from ernie_jax.model.moe import Experts, MoEBlock, permute_rows
+from ernie_jax.model.moe import Experts, MoEBlock
+from ernie_jax.model.permute import permute_rows
 from ernie_jax.model.router import RouterBias, Routing
 
 CFG = get_preset("tiny-moe-test", moe_layer_end_index=2)  # 8 experts, top-2, 1 shared expert
