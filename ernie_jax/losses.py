@@ -1,4 +1,9 @@
-"""Losses of ERNIE-4.5 pre-training that live outside the model: router losses and MTP.
+"""Losses of ERNIE-4.5 pre-training that live outside the model: token-balanced LM loss, router losses, MTP.
+
+`token_balanced_loss` (training doc §2): the gradient flows through `sum(mask * ce) / slots`, where `slots`
+is the number of token slots in the micro-batch (a constant, B * S), while the value reported is the usual
+per-token mean `sum(mask * ce) / sum(mask)`. Every supervised token then weighs the same in the gradient,
+however many unsupervised tokens share its sequence.
 
 Router losses read the per-layer `MoEStats` the forward returns (leading axis = MoE layers):
 - `moe_aux_loss`: transformers' `load_balancing_loss_func` exactly (counts from plain top-k of the probs,
@@ -15,6 +20,26 @@ import jax
 import jax.numpy as jnp
 
 from ernie_jax.model.moe import MoEStats
+
+
+def token_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """logits [..., V] (any float dtype), targets [...] int -> per-token cross-entropy [...] in fp32."""
+    logits = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    return lse - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+
+
+def token_balanced_loss(ce: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """ce, mask [B, S] -> (loss to differentiate, per-token mean to report).
+
+    The first has the gradient of `sum(mask * ce) / (B * S)` and the value of the per-token mean, as
+    Baidu's criterion returns `L_tb - stopgrad(L_tb) + stopgrad(L_mean)`.
+    """
+    m = mask.astype(jnp.float32)
+    total = jnp.sum(ce * m)
+    mean = total / jnp.maximum(jnp.sum(m), 1.0)
+    balanced = total / m.size
+    return balanced - jax.lax.stop_gradient(balanced) + jax.lax.stop_gradient(mean), mean
 
 
 def moe_aux_loss(stats: MoEStats) -> jax.Array:

@@ -46,3 +46,16 @@ def mtp_inputs(input_ids: jax.Array, depth: int, fill: int = 0) -> jax.Array:
     pad = jnp.full((b, depth), fill, input_ids.dtype)
     padded = jnp.concatenate([input_ids, pad], axis=1)
     return jnp.stack([padded[:, d:d + s] for d in range(1, depth + 1)])
+
+
+def mtp_targets(targets: jax.Array, loss_mask: jax.Array, segment_ids: jax.Array | None,
+                depth: int) -> tuple[jax.Array, jax.Array]:
+    """Targets [D, B, S] and loss masks [D, B, S] of the MTP depths: depth d predicts `targets[p + d]`,
+    supervised only where that position is supervised and (packed rows) in the same document as p."""
+    b, s = targets.shape
+    seg = jnp.zeros_like(targets) if segment_ids is None else segment_ids
+    pad = lambda a: jnp.concatenate([a, jnp.zeros((b, depth), a.dtype)], axis=1)  # noqa: E731
+    t, m, g = pad(targets), pad(loss_mask.astype(bool)), pad(seg)
+    tgt = jnp.stack([t[:, d:d + s] for d in range(1, depth + 1)])
+    msk = jnp.stack([m[:, d:d + s] & (g[:, d:d + s] == seg) & (jnp.arange(s) + d < s) for d in range(1, depth + 1)])
+    return tgt, msk

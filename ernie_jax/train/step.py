@@ -1,0 +1,172 @@
+"""The training step: a pure function over `TrainState`, compiled once with `jax.jit`.
+
+One step = gradient accumulation over the micro-batches of the batch (`lax.scan`), the losses (token-
+balanced LM loss, MoE aux / z / router-orthogonality losses, MTP), global-norm clipped AdamW, then the
+router correction-bias update (aux-loss-free balancing), the optional decoupled orthogonality step and the
+EMA. A non-finite loss or gradient leaves the whole state unchanged and is counted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+
+from ernie_jax.losses import (moe_aux_loss, mtp_loss, router_orthogonal_loss, router_z_loss, token_balanced_loss,
+                              token_cross_entropy)
+from ernie_jax.model.balancing import bias_update
+from ernie_jax.model.mtp import mtp_inputs, mtp_targets
+from ernie_jax.train.ema import ema_update
+
+BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LossConfig:
+    aux_coef: float = 0.0  # HF-style load-balancing loss (Baidu 21B / 300B: 1e-5)
+    z_coef: float = 0.0
+    orth_coef: float = 0.0  # router orthogonality
+    orth_in_loss: bool = True  # False: a separate step W -= lr * orth_coef * dL_orth/dW after the optimizer
+    mtp_coef: float = 0.3
+    aux_free_coef: float = 0.0  # correction-bias step size (Baidu: 1e-3); 0 = off
+    ema_decay: float = 0.0  # 0 = no EMA
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array  # [] int32: optimizer updates done
+    params: Any  # nested dict of arrays: the model's nnx.Param state
+    buffers: Any  # nested dict: the other variables (router correction biases)
+    opt_state: Any
+    ema: Any  # fp32 copy of params, or None
+    nonfinite_run: jax.Array  # [] consecutive skipped steps
+    nonfinite_total: jax.Array  # [] skipped steps in all
+
+
+def split_model(model: nnx.Module):
+    """(graphdef, Param state, other state) of a model."""
+    return nnx.split(model, nnx.Param, ...)
+
+
+def init_train_state(model: nnx.Module, tx: optax.GradientTransformation, *, ema: bool) -> TrainState:
+    _, params, buffers = split_model(model)
+    params, buffers = nnx.to_pure_dict(params), nnx.to_pure_dict(buffers)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, buffers=buffers,
+                      opt_state=jax.jit(tx.init)(params),
+                      ema=jax.tree.map(lambda p: jnp.array(p, jnp.float32, copy=True), params) if ema else None,  # own buffers: the state is donated
+                      nonfinite_run=jnp.zeros((), jnp.int32), nonfinite_total=jnp.zeros((), jnp.int32))
+
+
+def merge_model(graphdef, abstract_params, abstract_buffers, params, buffers) -> nnx.Module:
+    """The module for pure-dict params / buffers (the abstract states give the variable types)."""
+    p, b = jax.tree.map(lambda x: x, (abstract_params, abstract_buffers))  # fresh copies, filled in place
+    nnx.replace_by_pure_dict(p, params)
+    nnx.replace_by_pure_dict(b, buffers)
+    return nnx.merge(graphdef, p, b)
+
+
+def _router_kernels(params) -> list[jax.Array]:
+    stacks = params["decoder"]["stacks"]
+    return [stacks[i]["layers"]["mlp"]["router"]["kernel"] for i in sorted(stacks)
+            if "router" in stacks[i]["layers"]["mlp"]]
+
+
+def make_train_step(model: nnx.Module, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    loss_cfg: LossConfig) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """step(state, batch) -> (state, metrics). batch: dict of [A, B, S] arrays (A micro-batches) with keys
+    tokens, targets, loss_mask and optionally segment_ids, positions (packed rows)."""
+    config = model.config
+    graphdef, abs_params, abs_buffers = split_model(nnx.eval_shape(lambda: model))
+    depth = config.num_nextn_predict_layers if loss_cfg.mtp_coef else 0
+
+    def loss_fn(params, buffers, mb):
+        model_ = merge_model(graphdef, abs_params, abs_buffers, params, buffers)
+        seg = mb.get("segment_ids")
+        out = model_(mb["tokens"], positions=mb.get("positions"), segment_ids=seg,
+                     attention_mask=None if seg is None else seg != 0,
+                     mtp_input_ids=mtp_inputs(mb["tokens"], depth) if depth else None)
+        ce = token_cross_entropy(out.logits, mb["targets"])
+        m = mb["loss_mask"].astype(jnp.float32)
+        loss, _ = token_balanced_loss(ce, m)
+        aux = {"ce_sum": jnp.sum(ce * m), "tokens": jnp.sum(m)}
+        if out.moe_stats is not None:
+            st = out.moe_stats
+            aux.update(aux_loss=moe_aux_loss(st), z_loss=router_z_loss(st), usage=st.usage)
+            loss = loss + loss_cfg.aux_coef * aux["aux_loss"] + loss_cfg.z_coef * aux["z_loss"]
+            if loss_cfg.orth_coef and loss_cfg.orth_in_loss:
+                loss = loss + loss_cfg.orth_coef * sum(router_orthogonal_loss(k) for k in _router_kernels(params))
+        if depth:
+            tgt, msk = mtp_targets(mb["targets"], mb["loss_mask"], seg, depth)
+            aux["mtp_loss"] = mtp_loss(out.mtp_logits, tgt, msk)
+            loss = loss + loss_cfg.mtp_coef * aux["mtp_loss"]
+        return loss, aux
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        batch = {k: v for k, v in batch.items() if k in BATCH_KEYS}
+        n_micro = batch["tokens"].shape[0]
+
+        def micro(carry, mb):
+            g_acc, l_acc = carry
+            (loss, aux), g = grad_fn(state.params, state.buffers, mb)
+            g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
+            return (g_acc, l_acc + loss), aux
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+        (grads, loss_sum), aux = jax.lax.scan(micro, (zeros, jnp.zeros((), jnp.float32)), batch)
+        grads = jax.tree.map(lambda g: g / n_micro, grads)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm)
+
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        lr = schedule(state.step)
+        if loss_cfg.orth_coef and not loss_cfg.orth_in_loss and "usage" in aux:
+            orth_grads = jax.grad(lambda p: sum(router_orthogonal_loss(k) for k in _router_kernels(p)))(params)
+            params = jax.tree.map(lambda p, g: p - lr * loss_cfg.orth_coef * g.astype(p.dtype), params, orth_grads)
+        buffers = state.buffers
+        if loss_cfg.aux_free_coef and "usage" in aux:
+            buffers = _aux_free(buffers, jnp.sum(aux["usage"], axis=0), loss_cfg.aux_free_coef)
+        ema = state.ema if state.ema is None else ema_update(state.ema, params, loss_cfg.ema_decay)
+
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+        new_state = TrainState(
+            step=state.step + finite.astype(jnp.int32), params=keep(params, state.params),
+            buffers=keep(buffers, state.buffers), opt_state=keep(opt_state, state.opt_state),
+            ema=None if ema is None else keep(ema, state.ema),
+            nonfinite_run=jnp.where(finite, 0, state.nonfinite_run + 1),
+            nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32))
+        tokens = jnp.sum(aux["tokens"])
+        metrics = {"loss": jnp.sum(aux["ce_sum"]) / jnp.maximum(tokens, 1.0), "grad_norm": grad_norm, "lr": lr,
+                   "tokens": tokens, "skipped": (~finite).astype(jnp.int32),
+                   "nonfinite_run": new_state.nonfinite_run}
+        for k in ("aux_loss", "z_loss", "mtp_loss"):
+            if k in aux:
+                metrics[k] = jnp.mean(aux[k])
+        if "usage" in aux:
+            usage = jnp.sum(aux["usage"], axis=0)  # [L_moe, E]
+            metrics["expert_imbalance"] = jnp.mean(jnp.max(usage, -1) / jnp.maximum(jnp.mean(usage, -1), 1e-9))
+        return new_state, metrics
+
+    return step
+
+
+def _aux_free(buffers, usage: jax.Array, coef: float):
+    """Applies the correction-bias update to every MoE stack, usage [L_moe, E] in depth order."""
+    stacks = buffers["decoder"]["stacks"]
+    new, start = {}, 0
+    for i in sorted(stacks):
+        layer = stacks[i]["layers"]
+        if "router" in layer.get("mlp", {}):
+            bias = layer["mlp"]["router"]["bias"]
+            n = bias.shape[0]
+            layer = {**layer, "mlp": {**layer["mlp"], "router": {**layer["mlp"]["router"],
+                                                              "bias": bias_update(bias, usage[start:start + n], coef)}}}
+            start += n
+        new[i] = {**stacks[i], "layers": layer}
+    return {**buffers, "decoder": {**buffers["decoder"], "stacks": new}}
