@@ -1,0 +1,16 @@
+"""Grouped matmul for MoE experts, as Pallas TPU kernels (forward + backward).
+
+    from pallas_kernels.gmm import gmm
+    out = gmm(lhs, rhs, group_sizes, preferred_element_type=jnp.float32)   # [M, K] x [G, K, N] -> [M, N]
+
+- `gmm`: differentiable (`jax.custom_vjp`: d lhs by `gmm` with the other rhs layout, d rhs by `tgmm`);
+  `group_offset` (+ the local group count rhs.shape[0]) for expert parallelism; `transpose_rhs`;
+  bf16 / fp32 operands, fp32 accumulation; tiles from `choose_tiling` unless given.
+- `tgmm`: the per-group weight gradient lhs[:, rows]^T-style product -> [G, K, N].
+- `interpret=None` runs the kernels in Pallas interpret mode off TPU (CPU tests, the MoE layer on CPU).
+- Oracles in `reference` (`jax.lax.ragged_dot`, numpy loops). Kernels and schedule: `kernel`.
+"""
+
+from pallas_kernels.gmm.ops import choose_tiling, default_interpret, gmm, tgmm
+
+__all__ = ["choose_tiling", "default_interpret", "gmm", "tgmm"]
