@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 DTYPES = ("float32", "bfloat16", "float16")
 HIDDEN_ACTS = ("silu", "gelu", "gelu_pytorch_tanh", "relu", "quick_gelu")
-ATTENTION_IMPLS = ("xla", "jax_nn")
+ATTENTION_IMPLS = ("xla", "jax_nn", "flashmask")
 MOE_DISPATCH = ("dropless", "capacity", "dense")
 GMM_IMPLS = ("auto", "ragged_dot", "tiled", "pallas")
 # Names accepted by `remat_policy`; see `ernie_jax.model.remat` for what each one saves.

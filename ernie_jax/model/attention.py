@@ -3,7 +3,7 @@ GQA self-attention layer of the ERNIE-4.5 LM (q/k/v/o projections + interleaved 
 
 The mask is described, not materialised: `AttentionMask` holds causality, packed-sequence segment ids
 and a key padding mask. The XLA implementation builds the dense [B, 1, Sq, Sk] boolean from it; the
-FlashMask kernel (later issue) turns the same description into per-column row bounds.
+FlashMask kernel ("flashmask") turns the same description into per-column row bounds.
 """
 
 from __future__ import annotations
@@ -74,7 +74,42 @@ def _jax_nn_attention(q, k, v, mask: AttentionMask, scale: float) -> jax.Array:
     return jnp.where(visible, out, 0).astype(q.dtype)
 
 
-_IMPLS = {"xla": _xla_attention, "jax_nn": _jax_nn_attention}
+def flashmask_indices(mask: AttentionMask, sq: int, sk: int, batch: int) -> jax.Array:
+    """`AttentionMask` -> FlashMask `startend_row_indices` [B, 1, Sk, 1 (causal) or 2 (not causal)].
+
+    Segments must be contiguous runs (packed documents): key j is then visible to rows up to the end of
+    its run (causal: [LTS] = run end) and, non-causal, from the start of its run ([LTS, UTE] = [end, start]).
+    Padding keys (kv_valid False) are masked for every row. Requires Sq == Sk (self-attention)."""
+    from pallas_kernels.flashmask.masks import segment_bounds
+
+    if mask.q_segment_ids is not None:
+        start, end = segment_bounds(mask.q_segment_ids)
+    else:
+        start = jnp.zeros((batch, sk), jnp.int32)
+        end = jnp.full((batch, sk), sq, jnp.int32)
+    if mask.kv_valid is not None:
+        valid = mask.kv_valid.astype(bool)
+        end = jnp.where(valid, end, 0)
+        start = jnp.where(valid, start, sq)
+    cols = (end,) if mask.causal else (end, start)
+    return jnp.stack(cols, axis=-1)[:, None].astype(jnp.int32)
+
+
+def _flashmask_attention(q, k, v, mask: AttentionMask, scale: float) -> jax.Array:
+    """The FlashMask Pallas kernel (pallas_kernels.flashmask): the Mosaic kernel when lowered for TPU, the
+    Pallas interpreter elsewhere. Self-attention only (Sq == Sk); otherwise (decoding with a cache) the XLA
+    path."""
+    from pallas_kernels.flashmask import flashmask_attention
+
+    b, sq = q.shape[:2]
+    sk = k.shape[1]
+    if sq != sk:
+        return _xla_attention(q, k, v, mask, scale)
+    idx = flashmask_indices(mask, sq, sk, b)
+    return flashmask_attention(q, k, v, idx, causal=mask.causal, scale=scale, interpret=None)
+
+
+_IMPLS = {"xla": _xla_attention, "jax_nn": _jax_nn_attention, "flashmask": _flashmask_attention}
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, *, scale: float | None = None,

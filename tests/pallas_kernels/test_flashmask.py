@@ -1,0 +1,216 @@
+"""FlashMask kernels (pallas_kernels.flashmask) against the dense oracle, in Pallas interpret mode on CPU.
+
+Every case runs forward and backward (dq, dk, dv) in one jitted vjp and compares with the dense-mask
+reference at 1e-5 (fp32): random masks of each Paddle form (causal n=1/2, non-causal n=2/4), GQA, per-head
+masks, Sq != Sk, lengths that are not multiples of the blocks, rows (and whole batch rows) fully masked,
+every mask builder, bf16. Blocks are small multiples of 8 (interpret mode) so that a few tiles exist.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import flashmask as fm
+
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+def _qkv(b, sq, sk, hq, hkv, d, seed=0, dtype=jnp.float32):
+    r = np.random.RandomState(seed)
+    q = jnp.asarray(r.randn(b, sq, hq, d), dtype)
+    k = jnp.asarray(r.randn(b, sk, hkv, d), dtype)
+    v = jnp.asarray(r.randn(b, sk, hkv, d), dtype)
+    g = jnp.asarray(r.randn(b, sq, hq, d), dtype)
+    return q, k, v, g
+
+
+def _value_and_grads(q, k, v, idx, g, *, causal, bq, bk, kernel):
+    """Output and (dq, dk, dv) for cotangent g: the kernel jitted, the oracle eagerly (op by op is faster
+    than compiling it at these sizes)."""
+    if kernel:
+        return _kernel_value_and_grads(q, k, v, idx, g, causal=causal, bq=bq, bk=bk)
+    out, vjp = jax.vjp(lambda q, k, v: fm.flashmask_attention_reference(q, k, v, idx, causal=causal), q, k, v)
+    return out, vjp(g)
+
+
+@functools.partial(jax.jit, static_argnames=("causal", "bq", "bk"))
+def _kernel_value_and_grads(q, k, v, idx, g, *, causal, bq, bk):
+    f = lambda q, k, v: fm.flashmask_attention(q, k, v, idx, causal=causal, block_q=bq, block_kv=bk,
+                                               interpret=True)
+    out, vjp = jax.vjp(f, q, k, v)
+    return out, vjp(g)
+
+
+def _check(q, k, v, idx, *, causal, bq, bk, g, tol=TOL):
+    out, grads = _value_and_grads(q, k, v, idx, g, causal=causal, bq=bq, bk=bk, kernel=True)
+    ref, ref_grads = _value_and_grads(q, k, v, idx, g, causal=causal, bq=bq, bk=bk, kernel=False)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads)):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        assert np.isfinite(a).all(), name
+        np.testing.assert_allclose(a, b, err_msg=name, **tol)
+    # rows that see no key: exactly zero output and zero dq
+    allowed = np.asarray(fm.dense_mask(idx, causal=causal, q_len=q.shape[1]))  # [B, Hm, Sq, Sk]
+    empty = np.broadcast_to(~allowed.any(-1), (q.shape[0], q.shape[2], q.shape[1])).transpose(0, 2, 1)
+    assert (np.asarray(out)[empty] == 0).all()
+    assert (np.asarray(grads[0])[empty] == 0).all()
+    return out, grads, empty
+
+
+def _random_indices(r, b, hm, sk, sq, causal, n):
+    j = np.arange(sk)[None, None, :]
+    a = r.randint(0, sq + 1, (b, hm, sk, n))
+    if causal and n == 1:  # mostly visible at least on the diagonal, some columns fully masked
+        a[..., 0] = np.where(r.rand(b, hm, sk) < 0.85, r.randint(0, sq + 1, (b, hm, sk)) // 2 + j + 1,
+                             r.randint(0, sq + 1, (b, hm, sk)))
+        a = np.minimum(a, sq)
+    elif n == 2 and causal or n == 4:  # ordered pairs
+        a[..., 0:2] = np.sort(a[..., 0:2], -1)
+        if n == 4:
+            a[..., 2:4] = np.sort(a[..., 2:4], -1)
+    return a
+
+
+@pytest.mark.parametrize("causal,n", [(True, 1), (True, 2), (False, 2), (False, 4)])
+def test_random_masks_gqa_ragged(causal, n):
+    b, s, hq, hkv, d = 3, 200, 4, 2, 32  # 200: not a multiple of either block
+    r = np.random.RandomState(n + 10 * causal)
+    a = _random_indices(r, b, 1, s, s, causal, n)
+    if causal:
+        a[0, 0, 0, 0] = 0  # row 0 sees only key 0 under causality: now it sees nothing
+    else:  # rows >= 150 see no key: lower-left masked from row 150 on, upper-right masked entirely
+        a[0, 0, :, 0] = np.minimum(a[0, 0, :, 0], 150)
+        if n == 4:
+            a[0, 0, :, 1] = s
+            a[0, 0, :, 2] = np.minimum(a[0, 0, :, 2], 150)
+        a[0, 0, :, -1] = s
+    a[2] = {1: [0], 2: [0, s], 4: [0, s, 0, s]}[n]  # batch row 2: every key masked for every row
+    idx = jnp.asarray(a, jnp.int32)
+    q, k, v, g = _qkv(b, s, s, hq, hkv, d, seed=n)
+    out, grads, empty = _check(q, k, v, idx, causal=causal, bq=64, bk=128, g=g)
+    assert empty[2].all() and empty[0].any() and not empty[1].all()
+    assert not np.asarray(out[2]).any()
+    for gr in grads:  # a fully masked batch row has zero gradients everywhere
+        assert not np.asarray(gr[2]).any()
+
+
+def test_cross_attention_sq_ne_sk_per_head_masks():
+    b, sq, sk, hq, hkv, d = 2, 150, 230, 4, 1, 32  # MQA, Hm = Hq, non-causal 4-column masks
+    r = np.random.RandomState(3)
+    idx = jnp.asarray(_random_indices(r, b, hq, sk, sq, False, 4), jnp.int32)
+    q, k, v, g = _qkv(b, sq, sk, hq, hkv, d, seed=4)
+    _check(q, k, v, idx, causal=False, bq=64, bk=64, g=g)
+
+
+def _builder_batch(s, causal):
+    """Every builder of one causal flag, one per batch row, in a common column count."""
+    seg = jnp.asarray(np.repeat(np.arange(6), [40, 3, 77, 1, 50, 29])[None])  # ragged documents, s = 200
+    if causal:
+        masks = [fm.causal_document_mask(seg), fm.sliding_window_mask(37, segment_ids=seg),
+                 fm.shared_question_mask(jnp.asarray(np.repeat([0, 1], [120, 80])[None]),
+                                         jnp.asarray(np.repeat([0, 1, 2, 0, 1, 2], [30, 50, 40, 20, 30, 30])[None])),
+                 fm.global_sliding_window_mask(16, 5, seq_len=s, causal=True),
+                 fm.causal_blockwise_mask(jnp.asarray(np.repeat([0, 1, 2, 3], [60, 50, 40, 50])[None]))]
+        return jnp.concatenate([jnp.concatenate([m, jnp.full_like(m, s)], -1) if m.shape[-1] == 1 else m
+                                for m in masks])
+    to4 = lambda m: jnp.stack([m[..., 0], jnp.full_like(m[..., 0], s), jnp.zeros_like(m[..., 0]), m[..., 1]], -1)
+    masks = [to4(fm.bidirectional_document_mask(seg)), to4(fm.sliding_window_mask(23, segment_ids=seg, causal=False)),
+             to4(fm.prefix_lm_mask(seg, jnp.asarray(np.arange(s) % 40 < 15)[None])),
+             fm.global_sliding_window_mask(16, 5, seq_len=s)]
+    return jnp.concatenate(masks)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_every_builder(causal):
+    s = 200
+    idx = _builder_batch(s, causal)
+    q, k, v, g = _qkv(idx.shape[0], s, s, 2, 2, 32, seed=7)
+    _check(q, k, v, idx, causal=causal, bq=64, bk=64, g=g)
+    st = fm.tile_statistics(idx, causal=causal, q_len=s, block_q=64, block_kv=64)
+    assert st["computed"] == st["nonempty"] < st["total"]
+
+
+def test_skipped_tiles_are_never_read():
+    """NaN keys / values in the first document: a second document aligned to the tiles must stay exact, so
+    the tiles pairing its rows with the first document's keys are skipped (not merely masked: a masked
+    tile would still multiply 0 by NaN). interpret=None: the interpreter chosen at lowering on CPU."""
+    s, d = 256, 32
+    seg = jnp.asarray(np.repeat([0, 1], 128)[None])
+    idx = fm.causal_document_mask(seg)
+    q, k, v, _ = _qkv(1, s, s, 2, 2, d, seed=5)
+    k_bad = k.at[:, :128].set(jnp.nan)
+    v_bad = v.at[:, :128].set(jnp.nan)
+    out = jax.jit(lambda q, k, v: fm.flashmask_attention(q, k, v, idx, causal=True, block_q=128, block_kv=128,
+                                                         interpret=None))(q, k_bad, v_bad)
+    ref = fm.flashmask_attention_reference(q, k, v, idx, causal=True)
+    assert np.isnan(np.asarray(out[:, :128])).all()
+    np.testing.assert_allclose(np.asarray(out[:, 128:]), np.asarray(ref[:, 128:]), **TOL)
+
+
+def test_bf16():
+    b, s, hq, hkv, d = 1, 256, 2, 1, 64
+    idx = fm.sliding_window_mask(50, seq_len=s, batch=b)
+    q, k, v, g = _qkv(b, s, s, hq, hkv, d, seed=8, dtype=jnp.bfloat16)
+    out, grads = _value_and_grads(q, k, v, idx, g, causal=True, bq=128, bk=128, kernel=True)
+    f32 = [x.astype(jnp.float32) for x in (q, k, v, g)]
+    ref, ref_grads = _value_and_grads(*f32[:3], idx, f32[3], causal=True, bq=128, bk=128, kernel=False)
+    assert out.dtype == jnp.bfloat16 and all(x.dtype == jnp.bfloat16 for x in grads)
+    for a, r_ in zip((out, *grads), (ref, *ref_grads)):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(r_), atol=6e-2, rtol=6e-2)
+
+
+def test_validation_errors():
+    q, k, v, _ = _qkv(1, 64, 64, 2, 2, 16)
+    ok = jnp.zeros((1, 1, 64, 1), jnp.int32)
+    call = functools.partial(fm.flashmask_attention, q, k, v, interpret=True)
+    with pytest.raises(ValueError, match="integer"):
+        call(ok.astype(jnp.float32), causal=True)
+    with pytest.raises(ValueError, match=r"\[B, 1 or Hq, Sk, n\]"):
+        call(ok[0], causal=True)
+    with pytest.raises(ValueError, match="does not match"):
+        call(jnp.zeros((1, 1, 63, 1), jnp.int32), causal=True)
+    with pytest.raises(ValueError, match="does not match"):
+        call(jnp.zeros((1, 3, 64, 1), jnp.int32), causal=True)
+    with pytest.raises(ValueError, match="n=1"):
+        call(ok, causal=False)
+    with pytest.raises(ValueError, match="n=4"):
+        call(jnp.zeros((1, 1, 64, 4), jnp.int32), causal=True)
+    with pytest.raises(ValueError, match=r"\[0, 64\]"):
+        call(ok.at[0, 0, 3, 0].set(65), causal=True)
+    with pytest.raises(ValueError, match=r"\[0, 64\]"):
+        call(ok.at[0, 0, 3, 0].set(-1), causal=True)
+    with pytest.raises(ValueError, match="block_q"):
+        fm.flashmask_attention(q, k, v, ok, causal=True, block_q=64)  # TPU needs multiples of 128
+    with pytest.raises(ValueError, match="multiple of kv heads"):
+        fm.flashmask_attention(q, k[:, :, :1].repeat(3, 2), v[:, :, :1].repeat(3, 2), ok, causal=True,
+                               interpret=True)
+
+
+def test_model_packed_documents_equal_separate_runs():
+    """attention_impl="flashmask": segment ids of a packed row become a causal-document mask, so each
+    document's logits equal those of the document run alone (XLA attention, same weights); right padding
+    (attention_mask) leaves the real tokens alone too."""
+    from ernie_jax import get_preset
+    from ernie_jax.model import create_model
+
+    model = create_model(get_preset("tiny-test", attention_impl="flashmask"), seed=1)
+    alone_model = create_model(get_preset("tiny-test"), seed=1)
+    lens = [50, 9, 37, 28]  # 124 tokens + 4 padding in one row of 128
+    r = np.random.RandomState(0)
+    docs = [jnp.asarray(r.randint(0, 128, (1, n)), jnp.int32) for n in lens]
+    pad = 128 - sum(lens)
+    packed = jnp.concatenate(docs + [jnp.zeros((1, pad), jnp.int32)], 1)
+    seg = jnp.asarray(np.repeat(np.arange(len(lens) + 1), lens + [pad])[None])
+    pos = jnp.asarray(np.concatenate([np.arange(n) for n in lens + [pad]])[None])
+    am = jnp.asarray((np.arange(128) < sum(lens))[None].astype(np.int32))
+    out = jax.jit(lambda ids, p, s, m: model(ids, positions=p, segment_ids=s, attention_mask=m).logits)(
+        packed, pos, seg, am)
+    assert np.isfinite(np.asarray(out)).all()
+    o = 0
+    for d, n in zip(docs, lens):
+        np.testing.assert_allclose(np.asarray(out[:, o:o + n]), np.asarray(alone_model(d).logits), atol=1e-5)
+        o += n
