@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx, struct
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ernie_jax.losses import (moe_aux_loss, mtp_loss, router_orthogonal_loss, router_z_loss, token_balanced_loss,
                               token_cross_entropy)
@@ -53,12 +54,39 @@ def split_model(model: nnx.Module):
 
 
 def init_train_state(model: nnx.Module, tx: optax.GradientTransformation, *, ema: bool) -> TrainState:
+    """The initial state. On a mesh (the model's parameters sharded), optimizer moments and the EMA are
+    sharded like their parameters and every other leaf is replicated."""
     _, params, buffers = split_model(model)
     params, buffers = nnx.to_pure_dict(params), nnx.to_pure_dict(buffers)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, buffers=buffers,
-                      opt_state=jax.jit(tx.init)(params),
-                      ema=jax.tree.map(lambda p: jnp.array(p, jnp.float32, copy=True), params) if ema else None,  # own buffers: the state is donated
-                      nonfinite_run=jnp.zeros((), jnp.int32), nonfinite_total=jnp.zeros((), jnp.int32))
+    state = jax.eval_shape(lambda: TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, buffers=buffers, opt_state=tx.init(params),
+        ema=jax.tree.map(lambda p: p.astype(jnp.float32), params) if ema else None,
+        nonfinite_run=jnp.zeros((), jnp.int32), nonfinite_total=jnp.zeros((), jnp.int32)))
+    mesh = next((a.sharding.mesh for a in jax.tree.leaves(params) if isinstance(a.sharding, NamedSharding)), None)
+    shardings = None if mesh is None else state_shardings(state, params, mesh)
+
+    def build(params, buffers):  # fresh buffers throughout: the state is donated to the train step
+        return TrainState(step=jnp.zeros((), jnp.int32), params=jax.tree.map(jnp.copy, params),
+                          buffers=jax.tree.map(jnp.copy, buffers), opt_state=tx.init(params),
+                          ema=jax.tree.map(lambda p: p.astype(jnp.float32), params) if ema else None,
+                          nonfinite_run=jnp.zeros((), jnp.int32), nonfinite_total=jnp.zeros((), jnp.int32))
+
+    return jax.jit(build, out_shardings=shardings)(params, buffers)
+
+
+def state_shardings(state: Any, params: Any, mesh) -> Any:
+    """NamedShardings for a TrainState-shaped tree: a leaf whose path ends with a parameter's path (the
+    parameter itself, its Adam moments, its EMA) gets that parameter's sharding, the rest is replicated."""
+    by_path = {jax.tree_util.keystr(p): a.sharding for p, a in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+    def pick(path, _):
+        key = jax.tree_util.keystr(path)
+        for pk, sh in by_path.items():
+            if key.endswith(pk) and isinstance(sh, NamedSharding):
+                return sh
+        return NamedSharding(mesh, P())
+
+    return jax.tree_util.tree_map_with_path(pick, state)
 
 
 def merge_model(graphdef, abstract_params, abstract_buffers, params, buffers) -> nnx.Module:
