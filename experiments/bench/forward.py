@@ -11,12 +11,9 @@ the `## Forward pass` section of `--out`; other `## ` sections of that file are 
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import platform
-import re
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -30,6 +27,7 @@ from flax import nnx
 
 import ernie_jax
 from ernie_jax.model import create_model
+from experiments.bench.report import git_rev, utc_now, write_section
 
 SECTION = "## Forward pass (experiments/bench/forward.py)"
 CONFIGS = {
@@ -96,42 +94,19 @@ def table(rows: list[dict]) -> str:
 
 
 def header(args, load: tuple[float, float]) -> str:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        rev = "unknown"
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return (f"Tokens/s of one fp32 forward pass (prefill, no KV cache), our `jax.jit` forward vs "
             f"`transformers.Ernie4_5ForCausalLM` with the same weights (logits agree to < {ATOL:g}). "
             f"Median (and min) of {args.repeats} calls after a warm-up, the implementations taking turns; "
             f"tokens/s and the ratio use the median; compile time is excluded and shown apart. "
             f"Run `python -m experiments.bench.forward --configs {args.configs} --batch {args.batch} "
             f"--seq {args.seq} --repeats {args.repeats}`.\n\n"
-            f"- measured: {now}, commit `{rev}`\n"
+            f"- measured: {utc_now()}, commit `{git_rev()}`\n"
             f"- machine: `{platform.platform()}`, {platform.processor() or platform.machine()}, "
             f"{os.cpu_count()} CPUs, JAX backend `{jax.default_backend()}`, torch threads {torch.get_num_threads()}; "
             f"1-min load average {load[0]:.2f} before / {load[1]:.2f} after "
             f"(this run adds ~2; other processes skew the numbers)\n"
             f"- versions: jax {jax.__version__}, flax {flax.__version__}, "
             f"torch {torch.__version__}, transformers {transformers.__version__}\n")
-
-
-def write_section(path: Path, body: str) -> None:
-    """Replaces this script's `## ` section of `path` (or appends it), keeping every other section."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    parts = re.split(r"(?m)^(?=## )", text)  # parts[0] is the title / preamble
-    section = f"{SECTION}\n\n{body}\n"
-    for i, p in enumerate(parts):
-        if p.startswith(SECTION):
-            parts[i] = section + ("\n" if i < len(parts) - 1 else "")
-            break
-    else:
-        parts.append(section)
-        if not parts[-2].endswith("\n\n"):
-            parts[-2] = parts[-2].rstrip("\n") + "\n\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(parts))
 
 
 def main() -> None:
@@ -150,7 +125,7 @@ def main() -> None:
         rows += bench_config(name, args.batch, args.seq, args.repeats)
     md = table(rows)
     print(md)
-    write_section(args.out, header(args, (load_before, os.getloadavg()[0])) + "\n" + md)
+    write_section(args.out, SECTION, header(args, (load_before, os.getloadavg()[0])) + "\n" + md)
     print(f"wrote {args.out}")
 
 
