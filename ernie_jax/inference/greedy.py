@@ -11,6 +11,7 @@ from typing import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 
@@ -51,3 +52,37 @@ def greedy_generate(model: nnx.Module, prompt: jax.Array, max_new_tokens: int) -
     for tokens in greedy_steps(model, tokens, max_new_tokens):
         pass
     return tokens
+
+
+def greedy_generate_ragged(model: nnx.Module, prompts: list[list[int]], max_new_tokens: int, *,
+                           pad_id: int = 0, eos_id: int | None = None) -> list[list[int]]:
+    """Greedy continuations of prompts of different lengths, in one compiled step: prompts are left-padded
+    to a common length (padding masked out, RoPE positions counted from each prompt's first token).
+    Returns the new tokens of each prompt, cut after `eos_id` when given."""
+    if not prompts or min(len(p) for p in prompts) < 1:
+        raise ValueError("need at least one prompt, each of at least one token")
+    n, p = len(prompts), max(len(x) for x in prompts)
+    total = p + max_new_tokens
+    tokens = np.full((n, total), pad_id, np.int32)
+    valid = np.zeros((n, total), bool)
+    for i, x in enumerate(prompts):
+        tokens[i, p - len(x):p] = x
+        valid[i, p - len(x):] = True  # generated positions are valid too
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def step(state, tokens, t):
+        pos = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
+        logits = nnx.merge(graphdef, state)(tokens, positions=pos, attention_mask=jnp.asarray(valid)).logits
+        nxt = jnp.argmax(jax.lax.dynamic_index_in_dim(logits, t - 1, axis=1, keepdims=False), axis=-1)
+        return jax.lax.dynamic_update_index_in_dim(tokens, nxt.astype(tokens.dtype), t, axis=1)
+
+    buf = jnp.asarray(tokens)
+    for t in range(p, total):
+        buf = step(state, buf, jnp.int32(t))
+    out = []
+    for row in np.asarray(buf)[:, p:].tolist():
+        if eos_id is not None and eos_id in row:
+            row = row[:row.index(eos_id)]
+        out.append(row)
+    return out

@@ -20,7 +20,7 @@ class OptimizerConfig:
     peak_lr: float = 3e-3
     min_lr: float = 3e-4
     warmup_steps: int = 20
-    decay_steps: int = 0  # WSD decay length (0: constant after warmup)
+    decay_fraction: float = 0.0  # WSD decay over this last fraction of the steps (0: constant after warmup)
     decay: str = "1-sqrt"
     b1: float = 0.9
     b2: float = 0.95
@@ -39,7 +39,10 @@ _NO_DECAY = {"scale", "bq", "bk", "bv", "bo", "bi_gate", "bi_up", "lm_head_bias"
 
 
 def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    schedule = wsd_schedule(cfg.peak_lr, total_steps, warmup_steps=cfg.warmup_steps, decay_steps=cfg.decay_steps,
+    if not 0 <= cfg.decay_fraction <= 1:
+        raise ValueError(f"OptimizerConfig.decay_fraction must be in [0, 1], got {cfg.decay_fraction}")
+    decay_steps = round(cfg.decay_fraction * total_steps)
+    schedule = wsd_schedule(cfg.peak_lr, total_steps, warmup_steps=cfg.warmup_steps, decay_steps=decay_steps,
                             min_lr=cfg.min_lr, decay=cfg.decay)
 
     def decay_mask(params):

@@ -24,3 +24,16 @@ def test_bad_arguments():
         greedy_generate(model, jnp.zeros((3,), jnp.int32), 2)
     with pytest.raises(ValueError, match="max_position_embeddings"):
         greedy_generate(model, jnp.zeros((1, 250), jnp.int32), 10)
+
+
+def test_ragged_prompts_match_one_at_a_time():
+    """Left padding with masked keys and per-prompt positions gives each prompt's own greedy continuation."""
+    from ernie_jax.inference import greedy_generate_ragged
+    model = create_model(get_preset("tiny-test"), seed=3)
+    prompts = [[5, 9, 17], [40, 2, 77, 31, 8, 99], [12]]
+    got = greedy_generate_ragged(model, prompts, 4)
+    for p, g in zip(prompts, got):
+        alone = np.asarray(greedy_generate(model, jnp.asarray([p], jnp.int32), 4))[0, len(p):]
+        assert g == alone.tolist()
+    cut = greedy_generate_ragged(model, prompts[:1], 4, eos_id=got[0][1])
+    assert cut[0] == got[0][:got[0].index(got[0][1])]

@@ -1,0 +1,76 @@
+"""Evaluation of the embedded default corpus during and after training: held-out LM loss, and task
+accuracy by greedy completion of held-out prompts (arithmetic, sorting, ... with checkable answers)."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ernie_jax.data import make_pipeline, synthetic
+from ernie_jax.data.tokenizer import SentencePieceTokenizer
+from ernie_jax.inference.greedy import greedy_generate_ragged
+from ernie_jax.losses import token_cross_entropy
+
+
+def pick_examples(n: int) -> list[dict]:
+    """n held-out examples with answers, round-robin over the tasks (deterministic)."""
+    by_task: dict[str, list[dict]] = {}
+    for e in synthetic.load_examples("heldout"):
+        if e["answer"]:
+            by_task.setdefault(e["task"], []).append(e)
+    rr = [e for group in itertools.zip_longest(*by_task.values()) for e in group if e is not None]
+    return rr[:n]
+
+
+def make_eval_fn(data_cfg, heldout_cfg, n_examples: int, lm_batches: int = 4
+                 ) -> Callable[[nnx.Module, int], dict[str, float]]:
+    tok = SentencePieceTokenizer(data_cfg.tokenizer)
+    examples = pick_examples(n_examples)
+    prompts = [([tok.bos_id] if data_cfg.add_bos else []) + tok.encode(e["prompt"]).tolist() for e in examples]
+    max_new = max(len(tok.encode(e["answer"])) for e in examples) + 2
+    batches = []
+    if heldout_cfg is not None:
+        it = make_pipeline(heldout_cfg)
+        batches = [next(it) for _ in range(lm_batches)]
+
+    def eval_fn(model: nnx.Module, step: int) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        if batches:
+            g, st = nnx.split(model)
+            ce = jax.jit(lambda st, b: token_cross_entropy(nnx.merge(g, st)(
+                b["tokens"], positions=b["positions"], segment_ids=b["segment_ids"]).logits, b["targets"]))
+            tot = cnt = 0.0
+            for b in batches:
+                jb = {k: jnp.asarray(b[k]) for k in ("tokens", "targets", "positions", "segment_ids")}
+                m = np.asarray(b["loss_mask"], np.float32)
+                tot += float(np.sum(np.asarray(ce(st, jb)) * m))
+                cnt += float(m.sum())
+            metrics["eval/loss"] = tot / max(cnt, 1.0)
+        if examples:
+            outs = greedy_generate_ragged(model, prompts, max_new, pad_id=data_cfg.pad_id, eos_id=tok.eos_id)
+            hits: dict[str, list[bool]] = {}
+            for e, o in zip(examples, outs):
+                hits.setdefault(e["task"], []).append(synthetic.check_answer(e, tok.decode(o)))
+            for task, h in sorted(hits.items()):
+                metrics[f"eval/acc_{task}"] = float(np.mean(h))
+            metrics["eval/accuracy"] = float(np.mean([x for h in hits.values() for x in h]))
+        return metrics
+
+    return eval_fn
+
+
+def print_samples(model: nnx.Module, data_cfg, n: int, max_new: int = 24) -> None:
+    """Greedy continuations of n held-out prompts, with the expected answers."""
+    tok = SentencePieceTokenizer(data_cfg.tokenizer)
+    examples = pick_examples(n)
+    prompts = [([tok.bos_id] if data_cfg.add_bos else []) + tok.encode(e["prompt"]).tolist() for e in examples]
+    for e, o in zip(examples, greedy_generate_ragged(model, prompts, max_new, pad_id=data_cfg.pad_id,
+                                                     eos_id=tok.eos_id)):
+        got = tok.decode(o)
+        mark = "ok " if synthetic.check_answer(e, got) else "   "
+        print(f"{mark}[{e['task']}] {e['prompt']!r} -> {got!r} (expected {e['answer']!r})")

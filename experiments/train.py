@@ -1,0 +1,107 @@
+"""Training launcher (absl): one Python config file per experiment, overridable from the command line.
+
+    python -m experiments.train --config=experiments/configs/tiny.py --workdir=DIR [--config.key=value ...]
+
+Resumes from DIR/checkpoints when it exists. Writes DIR/metrics.jsonl and TensorBoard events; evaluates on
+the held-out split (LM loss and task accuracy by greedy completion) and prints a few continuations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging as logging_std
+from typing import Any
+
+from absl import app, flags, logging
+from ml_collections import ConfigDict, config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/tiny.py", "experiment config file")
+_WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints and metrics go", required=True)
+_NO_PROGRESS = flags.DEFINE_bool("no_progress", False, "no progress bar (logs only)")
+
+_TOP_KEYS = {"model", "model_overrides", "mesh", "optimizer", "loss", "data", "total_steps", "micro_batches", "seed",
+             "log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "async_checkpoints", "max_nonfinite",
+             "peak_tflops", "eval_every_steps", "eval_examples", "samples"}
+
+
+def _plain(d: Any) -> Any:
+    return d.to_dict() if isinstance(d, ConfigDict) else d
+
+
+def _strict(cls, d: dict, where: str):
+    """cls(**d), but an unknown key is an error that names it and lists the known ones."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise app.UsageError(f"config.{where}: unknown key(s) {unknown}; known: {sorted(known)}")
+    return cls(**d)
+
+
+def build(config: ConfigDict):
+    """ConfigDict -> (TrainConfig, DataConfig, extras). Every unknown key is an error."""
+    import ernie_jax
+    from ernie_jax.data import DataConfig
+    from ernie_jax.data import synthetic
+    from ernie_jax.sharding import MeshConfig
+    from ernie_jax.train.loop import TrainConfig
+    from ernie_jax.train.optimizer import OptimizerConfig
+    from ernie_jax.train.step import LossConfig
+
+    c = _plain(config)
+    unknown = sorted(set(c) - _TOP_KEYS)
+    if unknown:
+        raise app.UsageError(f"config: unknown key(s) {unknown}; known: {sorted(_TOP_KEYS)}")
+    model = ernie_jax.get_preset(c["model"], **_plain(c.get("model_overrides", {})))
+    data = dict(_plain(c["data"]))
+    if data.get("sources"):
+        data_cfg = DataConfig.from_dict(data)
+        heldout = None
+    else:  # the embedded default corpus
+        data.pop("sources", None)
+        data_cfg = synthetic.default_data_config("train", **data)
+        heldout = synthetic.default_data_config("heldout", **data)
+    top = {k: c[k] for k in ("total_steps", "micro_batches", "seed", "log_every_steps", "checkpoint_every_steps",
+                             "keep_checkpoints", "async_checkpoints", "max_nonfinite", "peak_tflops") if k in c}
+    train_cfg = TrainConfig(model=model, mesh=_strict(MeshConfig, _plain(c["mesh"]), "mesh"),
+                            optimizer=_strict(OptimizerConfig, _plain(c["optimizer"]), "optimizer"),
+                            loss=_strict(LossConfig, _plain(c["loss"]), "loss"), **top)
+    extras = {"eval_every_steps": c.get("eval_every_steps", 0), "eval_examples": c.get("eval_examples", 0),
+              "samples": c.get("samples", 0), "heldout": heldout}
+    return train_cfg, data_cfg, extras
+
+
+class _QuietLibraries(logging_std.Filter):
+    """Drops INFO chatter of orbax / grain (every checkpoint logs dozens of lines) from absl's handler."""
+
+    def filter(self, record):
+        return record.levelno >= logging_std.WARNING or not any(
+            f"/{lib}/" in record.pathname for lib in ("orbax", "grain", "etils"))
+
+
+def main(argv):
+    del argv
+    import jax
+
+    logging.get_absl_handler().addFilter(_QuietLibraries())
+
+    from ernie_jax.data import make_pipeline
+    from ernie_jax.train.evaluation import make_eval_fn, print_samples
+    from ernie_jax.train.loop import train
+
+    train_cfg, data_cfg, extras = build(_CONFIG.value)
+    data = make_pipeline(data_cfg, process_index=jax.process_index(), process_count=jax.process_count())
+    eval_fn = make_eval_fn(data_cfg, extras["heldout"], extras["eval_examples"]) if extras["eval_examples"] else None
+    out = train(train_cfg, _WORKDIR.value, data, eval_fn=eval_fn, eval_every_steps=extras["eval_every_steps"],
+                progress=not _NO_PROGRESS.value)
+    if out["stopped_early"]:
+        print(f"stopped at step {out['step']} on a signal; checkpoint saved in {_WORKDIR.value}")
+        return
+    if eval_fn is not None:
+        final = eval_fn(out["model"], out["step"])
+        print("held-out: " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(final.items())))
+    if extras["samples"]:
+        print_samples(out["model"], data_cfg, extras["samples"])
+
+
+if __name__ == "__main__":
+    app.run(main)
