@@ -22,8 +22,10 @@ $(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
 setup: $(VENV)/.runtime
 setup-dev: $(VENV)/.dev
 
+# Trains the tiny default on the embedded synthetic data (generated on first use); resumes from
+# runs/tiny when it exists (rm -rf runs/tiny to start over).
 run: $(VENV)/.runtime
-	$(PY) -m experiments.generate
+	$(PY) -m experiments.train --config=experiments/configs/tiny.py --workdir=runs/tiny
 
 test: $(VENV)/.dev
 	$(PY) -m pytest -n 2 --durations=15
