@@ -86,7 +86,7 @@ def main(argv):
 
     from ernie_jax.data import make_pipeline
     from ernie_jax.train.evaluation import make_eval_fn, print_samples
-    from ernie_jax.train.loop import train
+    from ernie_jax.train.loop import evaluate, train
 
     train_cfg, data_cfg, extras = build(_CONFIG.value)
     data = make_pipeline(data_cfg, process_index=jax.process_index(), process_count=jax.process_count())
@@ -97,7 +97,7 @@ def main(argv):
         print(f"stopped at step {out['step']} on a signal; checkpoint saved in {_WORKDIR.value}")
         return
     if eval_fn is not None:
-        final = eval_fn(out["model"], out["step"])
+        final = evaluate(eval_fn, out["model"], out["state"], out["step"])
         print("held-out: " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(final.items())))
     if extras["samples"]:
         print_samples(out["model"], data_cfg, extras["samples"])

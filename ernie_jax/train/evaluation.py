@@ -27,6 +27,14 @@ def pick_examples(n: int) -> list[dict]:
     return rr[:n]
 
 
+def _completion(tok: SentencePieceTokenizer, prompt: list[int], new: list[int]) -> str:
+    """The text the new tokens add to the prompt. Decoding them alone would drop a leading space (the
+    sentencepiece word marker), so decode prompt + new and cut the decoded prompt off."""
+    before = tok.decode(prompt)
+    after = tok.decode(prompt + list(new))
+    return after[len(before):] if after.startswith(before) else tok.decode(new)
+
+
 def make_eval_fn(data_cfg, heldout_cfg, n_examples: int, lm_batches: int = 4
                  ) -> Callable[[nnx.Module, int], dict[str, float]]:
     tok = SentencePieceTokenizer(data_cfg.tokenizer)
@@ -54,8 +62,8 @@ def make_eval_fn(data_cfg, heldout_cfg, n_examples: int, lm_batches: int = 4
         if examples:
             outs = greedy_generate_ragged(model, prompts, max_new, pad_id=data_cfg.pad_id, eos_id=tok.eos_id)
             hits: dict[str, list[bool]] = {}
-            for e, o in zip(examples, outs):
-                hits.setdefault(e["task"], []).append(synthetic.check_answer(e, tok.decode(o)))
+            for e, p, o in zip(examples, prompts, outs):
+                hits.setdefault(e["task"], []).append(synthetic.check_answer(e, _completion(tok, p, o)))
             for task, h in sorted(hits.items()):
                 metrics[f"eval/acc_{task}"] = float(np.mean(h))
             metrics["eval/accuracy"] = float(np.mean([x for h in hits.values() for x in h]))
@@ -69,8 +77,8 @@ def print_samples(model: nnx.Module, data_cfg, n: int, max_new: int = 24) -> Non
     tok = SentencePieceTokenizer(data_cfg.tokenizer)
     examples = pick_examples(n)
     prompts = [([tok.bos_id] if data_cfg.add_bos else []) + tok.encode(e["prompt"]).tolist() for e in examples]
-    for e, o in zip(examples, greedy_generate_ragged(model, prompts, max_new, pad_id=data_cfg.pad_id,
-                                                     eos_id=tok.eos_id)):
-        got = tok.decode(o)
+    for e, p, o in zip(examples, prompts, greedy_generate_ragged(model, prompts, max_new, pad_id=data_cfg.pad_id,
+                                                                eos_id=tok.eos_id)):
+        got = _completion(tok, p, o)
         mark = "ok " if synthetic.check_answer(e, got) else "   "
         print(f"{mark}[{e['task']}] {e['prompt']!r} -> {got!r} (expected {e['answer']!r})")

@@ -182,7 +182,7 @@ def train(cfg: TrainConfig, workdir: str, data: Iterator[dict], *,
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{metrics['mfu']:.1%}")
                 t_last, tokens_since, steps_since = time.perf_counter(), 0.0, 0
             if eval_fn is not None and eval_every_steps and step % eval_every_steps == 0:
-                writer.write(step, eval_fn(_model(model, state), step))
+                writer.write(step, evaluate(eval_fn, model, state, step))
             if step % cfg.checkpoint_every_steps == 0 or step == cfg.total_steps or stop.requested:
                 ckpt.save(step, state, data.get_state())
             if stop.requested:
@@ -193,6 +193,15 @@ def train(cfg: TrainConfig, workdir: str, data: Iterator[dict], *,
     writer.close()
     summary.update(step=step, metrics=metrics, model=_model(model, state), state=state)
     return summary
+
+
+def evaluate(eval_fn: Callable[[nnx.Module, int], dict[str, float]], model: nnx.Module, state: TrainState,
+             step: int) -> dict[str, float]:
+    """eval_fn on the raw weights, and on the EMA weights (keys prefixed `ema_`) when there is an EMA."""
+    out = eval_fn(_model(model, state), step)
+    if state.ema is not None:
+        out.update({f"ema_{k}": v for k, v in eval_fn(_model(model, state, ema=True), step).items()})
+    return out
 
 
 def _model(model: nnx.Module, state: TrainState, ema: bool = False) -> nnx.Module:

@@ -18,14 +18,14 @@ def get_config() -> ConfigDict:
     c.loss = ConfigDict({"aux_coef": 0.0, "z_coef": 0.0, "orth_coef": 0.0, "mtp_coef": 0.3, "aux_free_coef": 0.0,
                          "ema_decay": 0.0})
     # Empty `sources`: the embedded default corpus (generated on first use into data/default/).
-    c.data = ConfigDict({"sources": [], "seq_len": 128, "global_batch_size": 32})
+    c.data = ConfigDict({"sources": [], "seq_len": 128, "global_batch_size": 16})
     c.total_steps = 600
     c.micro_batches = 1
     c.seed = 0
     c.log_every_steps = 10
     c.checkpoint_every_steps = 200
     c.keep_checkpoints = 2
-    c.eval_every_steps = 200
+    c.eval_every_steps = 300
     c.eval_examples = 96  # held-out task prompts scored by greedy completion
     c.samples = 4  # continuations printed at the end
     return c
