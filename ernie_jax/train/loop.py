@@ -130,7 +130,7 @@ def train(cfg: TrainConfig, workdir: str, data: Iterator[dict], *,
     model = create_model(cfg.model, seed=cfg.seed, mesh=mesh, rules=rules)
     log.info("parameters: %s\n%s", f"{count_params(cfg.model):,}", sharding_table(nnx.state(model), mesh, rules))
     tx, schedule = make_optimizer(cfg.optimizer, cfg.total_steps)
-    state = init_train_state(model, tx, ema=cfg.loss.ema_decay > 0)
+    state = init_train_state(model, tx, ema=cfg.loss.ema > 0)
     state_shardings = jax.tree.map(lambda a: a.sharding, state)
 
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=cfg.keep_checkpoints,

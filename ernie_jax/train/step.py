@@ -21,7 +21,7 @@ from ernie_jax.losses import (moe_aux_loss, mtp_loss, router_orthogonal_loss, ro
                               token_cross_entropy)
 from ernie_jax.model.balancing import bias_update
 from ernie_jax.model.mtp import mtp_inputs, mtp_targets
-from ernie_jax.train.ema import ema_update
+from ernie_jax.train.ema import decay_from_window, ema_update
 
 BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
 
@@ -34,7 +34,20 @@ class LossConfig:
     orth_in_loss: bool = True  # False: a separate step W -= lr * orth_coef * dL_orth/dW after the optimizer
     mtp_coef: float = 0.3
     aux_free_coef: float = 0.0  # correction-bias step size (Baidu: 1e-3); 0 = off
-    ema_decay: float = 0.0  # 0 = no EMA
+    ema_decay: float = 0.0  # 0 = no EMA (unless ema_window is set)
+    ema_window: float = 0.0  # alternatively: the effective decay window W in steps, decay = ema_eps ** (1 / W)
+    ema_eps: float = 0.36787944117144233  # 1/e
+
+    def __post_init__(self):
+        if self.ema_decay and self.ema_window:
+            raise ValueError("LossConfig: set ema_decay or ema_window, not both")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"LossConfig.ema_decay must be in [0, 1), got {self.ema_decay}")
+
+    @property
+    def ema(self) -> float:
+        """The EMA decay in effect (0 = no EMA)."""
+        return decay_from_window(self.ema_window, self.ema_eps) if self.ema_window else self.ema_decay
 
 
 @struct.dataclass
@@ -160,7 +173,7 @@ def make_train_step(model: nnx.Module, tx: optax.GradientTransformation, schedul
         buffers = state.buffers
         if loss_cfg.aux_free_coef and "usage" in aux:
             buffers = _aux_free(buffers, jnp.sum(aux["usage"], axis=0), loss_cfg.aux_free_coef)
-        ema = state.ema if state.ema is None else ema_update(state.ema, params, loss_cfg.ema_decay)
+        ema = state.ema if state.ema is None else ema_update(state.ema, params, loss_cfg.ema)
 
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
         new_state = TrainState(

@@ -24,3 +24,11 @@ def test_ema_update_is_the_recursion():
     assert ema["w"].dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(ema["w"]), 0.5 * (0.5 * (0.5 * 0 + 0.5 * 1) + 0.5 * 2) + 0.5 * 3)
     assert math.isclose(float(ema["w"][0]), 2.125)
+
+
+def test_loss_config_takes_a_decay_or_a_window():
+    from ernie_jax.train.step import LossConfig
+    assert LossConfig(ema_window=1000).ema == pytest.approx(0.999, abs=1e-6)
+    assert LossConfig(ema_decay=0.9).ema == 0.9 and LossConfig().ema == 0
+    with pytest.raises(ValueError, match="not both"):
+        LossConfig(ema_decay=0.9, ema_window=10)
