@@ -8,15 +8,19 @@ FlashMask kernel ("flashmask") turns the same description into per-column row bo
 
 from __future__ import annotations
 
+import functools
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import PartitionSpec as P
 
 from ernie_jax.config import ErnieConfig
 from ernie_jax.model.params import const_param, normal_param
 from ernie_jax.model.rope import apply_interleaved_rope
-from ernie_jax.sharding import shard
+from ernie_jax.sharding import current_rules, logical_to_spec, resolve_rules, shard
 
 
 @struct.dataclass
@@ -95,10 +99,52 @@ def flashmask_indices(mask: AttentionMask, sq: int, sk: int, batch: int) -> jax.
     return jnp.stack(cols, axis=-1)[:, None].astype(jnp.int32)
 
 
+def _spec_axes(entry) -> tuple[str, ...]:
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _spec_entry(axes: tuple[str, ...]):
+    return None if not axes else axes[0] if len(axes) == 1 else axes
+
+
+def flashmask_partition_specs(q_shape, kv_shape, mesh_shape, rules):
+    """PartitionSpecs (q, k/v, startend_row_indices) of the FlashMask kernel's `jax.shard_map` over the whole
+    mesh, from the logical rules of the activations (`act_batch`, `act_heads`); also the output's (= q's).
+
+    * batch: the `act_batch` axes of q (k/v, the indices and the output get the same ones);
+    * sequence: never split, whatever `act_length` says (the shard_map gathers it on entry);
+    * head_dim: never split (the scores contract over it);
+    * heads: the `act_heads` axes of q; k/v get the same axes so that every shard holds the kv heads of its
+      query heads (contiguous split: query head h uses kv head h // (Hq/Hkv)). If those axes do not divide
+      the kv heads: with one kv head (MQA) k/v stay replicated (every query head uses it); otherwise both q
+      and k/v take the `act_heads` axes that divide the kv heads (possibly none: heads replicated).
+    The indices [B, 1, Sk, n] are split over the batch axes only."""
+    b, s, hq, d = q_shape
+    hkv = kv_shape[2]
+    q_spec = logical_to_spec(("act_batch", None, "act_heads", None), (b, s, hq, d), mesh_shape, rules)
+    batch, heads = _spec_axes(q_spec[0]), _spec_axes(q_spec[2])
+    n_heads = math.prod(mesh_shape[a] for a in heads)
+    if hkv % n_heads == 0:
+        kv_heads = heads
+    elif hkv == 1:
+        kv_heads = ()
+    else:
+        heads = kv_heads = _spec_axes(
+            logical_to_spec(("act_batch", None, "act_heads", None), (b, s, hkv, d), mesh_shape, rules)[2])
+    bt = _spec_entry(batch)
+    return (P(bt, None, _spec_entry(heads), None), P(bt, None, _spec_entry(kv_heads), None),
+            P(bt, None, None, None))
+
+
 def _flashmask_attention(q, k, v, mask: AttentionMask, scale: float) -> jax.Array:
     """The FlashMask Pallas kernel (pallas_kernels.flashmask): the Mosaic kernel when lowered for TPU, the
     Pallas interpreter elsewhere. Self-attention only (Sq == Sk); otherwise (decoding with a cache) the XLA
-    path."""
+    path.
+
+    Under a mesh of more than one device (all axes `AxisType.Auto`, e.g. `ernie_jax.sharding.activate`) the
+    kernel runs inside a `jax.shard_map` over the whole mesh (a Mosaic kernel cannot be auto-partitioned):
+    batch and heads split as the activation rules say, sequence and head_dim whole
+    (`flashmask_partition_specs`). Inside another shard_map (Manual axes) it is called directly."""
     from pallas_kernels.flashmask import flashmask_attention
 
     b, sq = q.shape[:2]
@@ -106,7 +152,20 @@ def _flashmask_attention(q, k, v, mask: AttentionMask, scale: float) -> jax.Arra
     if sq != sk:
         return _xla_attention(q, k, v, mask, scale)
     idx = flashmask_indices(mask, sq, sk, b)
-    return flashmask_attention(q, k, v, idx, causal=mask.causal, scale=scale, interpret=None)
+    kernel = functools.partial(flashmask_attention, causal=mask.causal, scale=scale, interpret=None)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1 or not mesh.are_all_axes_auto:
+        return kernel(q, k, v, idx)
+    shape = dict(mesh.shape)
+    q_spec, kv_spec, idx_spec = flashmask_partition_specs(q.shape, k.shape, shape, current_rules()
+                                                          or resolve_rules("dp"))
+    # check_vma=False: interpret=None traces the Pallas interpreter branch too, and the interpreter fails
+    # jax's varying-axes check inside shard_map. Without the check, the transpose divides the output
+    # cotangent by, and psums the input cotangents over, the mesh axes a spec leaves out - exact here
+    # (replicated k/v of MQA under split query heads: the per-shard partial dk/dv are summed).
+    fn = jax.shard_map(kernel, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, idx_spec), out_specs=q_spec,
+                       check_vma=False)
+    return fn(q, k, v, idx)
 
 
 _IMPLS = {"xla": _xla_attention, "jax_nn": _jax_nn_attention, "flashmask": _flashmask_attention}

@@ -214,3 +214,112 @@ def test_model_packed_documents_equal_separate_runs():
     for d, n in zip(docs, lens):
         np.testing.assert_allclose(np.asarray(out[:, o:o + n]), np.asarray(alone_model(d).logits), atol=1e-5)
         o += n
+
+
+def _packed_batch(b, s, seed):
+    """b rows of s tokens: ragged packed documents (segment ids, positions restarting per document) and
+    right padding of a different length per row (attention_mask 0, segment id of its own)."""
+    r = np.random.RandomState(seed)
+    ids, seg, pos, am = (np.zeros((b, s), np.int32) for _ in range(4))
+    for i in range(b):
+        pad = int(r.randint(0, 20))
+        cuts = np.sort(r.choice(np.arange(1, s - pad), size=3, replace=False))
+        lens = np.diff(np.concatenate([[0], cuts, [s - pad]]))
+        seg[i] = np.repeat(np.arange(len(lens) + 1), list(lens) + [pad])
+        pos[i] = np.concatenate([np.arange(n) for n in list(lens) + [pad]])
+        am[i, :s - pad] = 1
+        ids[i] = r.randint(0, 128, s)
+    return tuple(jnp.asarray(x) for x in (ids, pos, seg, am))
+
+
+def _masked_square_loss(graphdef):
+    from flax import nnx
+
+    def loss(state, ids, pos, seg, am):
+        logits = nnx.merge(graphdef, state)(ids, positions=pos, segment_ids=seg, attention_mask=am).logits
+        return jnp.mean(jnp.where(am[..., None] > 0, logits, 0) ** 2), logits
+
+    return jax.value_and_grad(loss, has_aux=True)
+
+
+@functools.lru_cache(maxsize=None)
+def _xla_reference(changes: tuple):
+    """tiny-test (+ changes) weights, a packed batch, and the XLA-attention logits and parameter gradients
+    on one device (no mesh): the oracle of the sharded flashmask runs."""
+    from flax import nnx
+
+    from ernie_jax import get_preset
+    from ernie_jax.model import abstract_model, create_model
+
+    state = nnx.state(create_model(get_preset("tiny-test", **dict(changes)), seed=3))
+    batch = _packed_batch(4, 128, seed=2)
+    g_xla = nnx.graphdef(abstract_model(get_preset("tiny-test", attention_impl="xla", **dict(changes))))
+    (_, logits), grads = jax.jit(_masked_square_loss(g_xla))(state, *batch)
+    return state, batch, logits, grads
+
+
+# (rules, mesh, config changes): q and kv heads split alike over tensor; batch-only (fsdp); MQA (the one kv
+# head replicated while the query heads split over tensor = 4: dk/dv are summed over the head shards).
+SHARDED = [("fsdp_tensor", dict(data=2, fsdp=2, tensor=2), ()), ("fsdp", dict(data=2, fsdp=-1), ()),
+           ("tensor", dict(data=2, fsdp=1, tensor=4), (("num_key_value_heads", 1),))]
+
+
+@pytest.mark.parametrize("rules,mesh_axes,changes", SHARDED, ids=["fsdp_tensor", "fsdp", "tensor-mqa"])
+def test_model_sharded_mesh_matches_xla(rules, mesh_axes, changes):
+    """attention_impl="flashmask" on an 8-device mesh under `activate(mesh, rules)`: the kernel runs inside a
+    shard_map over the mesh, and logits and parameter gradients equal those of XLA attention (same weights,
+    packed documents + padding)."""
+    from flax import nnx
+    from jax.sharding import NamedSharding
+
+    from ernie_jax import get_preset
+    from ernie_jax.model import abstract_model
+    from ernie_jax.sharding import MeshConfig, activate, logical_to_spec, make_mesh, param_shardings, resolve_rules
+
+    state, batch, ref_logits, ref_grads = _xla_reference(changes)
+    mesh = make_mesh(MeshConfig(**mesh_axes))
+    table = resolve_rules(rules)
+    spec = logical_to_spec(("act_batch", "act_length"), batch[0].shape, dict(mesh.shape), table)
+    batch = tuple(jax.device_put(x, NamedSharding(mesh, spec)) for x in batch)
+    state = jax.device_put(state, param_shardings(state, mesh, table))
+    g = nnx.graphdef(abstract_model(get_preset("tiny-test", attention_impl="flashmask", **dict(changes))))
+    with activate(mesh, table):
+        traced = jax.jit(_masked_square_loss(g)).trace(state, *batch)
+        assert "shard_map" in str(traced.jaxpr)
+        (_, logits), grads = traced.lower().compile()(state, *batch)
+    am = np.asarray(batch[3], bool)
+    assert np.isfinite(np.asarray(logits)).all()
+    np.testing.assert_allclose(np.asarray(logits)[am], np.asarray(ref_logits)[am], atol=2e-5, rtol=2e-5)
+    flat, ref_flat = dict(nnx.to_flat_state(grads)), dict(nnx.to_flat_state(ref_grads))
+    assert flat.keys() == ref_flat.keys()
+    for path, v in flat.items():
+        np.testing.assert_allclose(np.asarray(v.get_value()), np.asarray(ref_flat[path].get_value()), atol=2e-5,
+                                   rtol=2e-4, err_msg=str(path))
+
+
+def test_flashmask_partition_specs():
+    """Batch over the act_batch axes, sequence and head_dim whole, q and kv heads split alike (or kv
+    replicated for one kv head, or both on the axes that divide the kv heads), indices over batch only."""
+    from jax.sharding import PartitionSpec as P
+
+    from ernie_jax.model.attention import flashmask_partition_specs
+    from ernie_jax.sharding import resolve_rules
+
+    mesh = {"data": 2, "pipeline": 1, "fsdp": 2, "expert": 1, "tensor": 4}
+    ft = resolve_rules("fsdp_tensor")
+    bt = ("data", "fsdp")
+    assert flashmask_partition_specs((8, 256, 16, 128), (8, 256, 4, 128), mesh, ft) == (
+        P(bt, None, "tensor", None), P(bt, None, "tensor", None), P(bt, None, None, None))
+    assert flashmask_partition_specs((8, 256, 16, 128), (8, 256, 1, 128), mesh, ft) == (
+        P(bt, None, "tensor", None), P(bt, None, None, None), P(bt, None, None, None))
+    # 2 kv heads do not split 4 ways: heads stay whole for q and kv alike
+    assert flashmask_partition_specs((8, 256, 16, 128), (8, 256, 2, 128), mesh, ft) == (
+        P(bt, None, None, None), P(bt, None, None, None), P(bt, None, None, None))
+    # act_heads over (fsdp, tensor) with the batch on data only: kv heads take the prefix that divides them
+    rules = dict(ft, act_batch="data", act_heads=("tensor", "fsdp"))
+    assert flashmask_partition_specs((8, 256, 16, 128), (8, 256, 4, 128), mesh, rules) == (
+        P("data", None, "tensor", None), P("data", None, "tensor", None), P("data", None, None, None))
+    # a sharded sequence (act_length) or head_dim is gathered: neither is ever split inside the kernel
+    rules = dict(ft, act_length="tensor", act_head_dim="pipeline", act_heads=None)
+    assert flashmask_partition_specs((8, 256, 16, 128), (8, 256, 4, 128), mesh, rules) == (
+        P(bt, None, None, None),) * 3

@@ -128,3 +128,53 @@ def test_flashmask_aot(case: Case):
         assert m.output_size_in_bytes == nb(qs)
     else:
         assert nb(qs) + 2 * nb(ks) <= m.output_size_in_bytes <= nb(qs) + 2 * nb(ks) + 1024
+
+
+# The model with attention_impl="flashmask" under the sharded mesh of training (MeshConfig fsdp = the 4
+# chips, rules "fsdp", `activate` as the trainer does): `_flashmask_attention` wraps the kernel in a
+# shard_map over the mesh, without which the TPU compile fails (a Mosaic kernel cannot be auto-partitioned).
+# `tiny` with head_dim 128 and bf16 compute, 4 x 256 packed rows (segment ids + padding mask as inputs).
+MODEL_MODES = ("forward", "train")
+
+
+@pytest.mark.parametrize("mode", MODEL_MODES)
+def test_model_flashmask_sharded_aot(mode):
+    from flax import nnx
+
+    import ernie_jax
+    from ernie_jax.model import abstract_model
+    from ernie_jax.sharding import MeshConfig, activate, make_mesh, param_shardings, resolve_rules
+
+    from jax.experimental import topologies
+    devices = topologies.get_topology_desc("v5p:2x2x1", "tpu").devices
+    mesh = make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1), devices=devices)
+    cfg = ernie_jax.get_preset("tiny", head_dim=128, dtype="bfloat16", attention_impl="flashmask")
+    graphdef, abs_state = nnx.split(abstract_model(cfg))
+    shardings = param_shardings(abs_state, mesh, resolve_rules("fsdp"))
+    batch = NamedSharding(mesh, P(("data", "fsdp", "expert"), None))
+    ids = jax.ShapeDtypeStruct((len(devices), 256), jnp.int32)
+
+    def logits_fn(state, input_ids, seg, am):
+        return nnx.merge(graphdef, state)(input_ids, segment_ids=seg, attention_mask=am).logits
+
+    if mode == "forward":
+        fn = jax.jit(logits_fn, in_shardings=(shardings, batch, batch, batch))
+    else:
+        def loss(state, input_ids, seg, am):
+            return jnp.mean(logits_fn(state, input_ids, seg, am).astype(jnp.float32) ** 2)
+        fn = jax.jit(jax.value_and_grad(loss), in_shardings=(shardings, batch, batch, batch),
+                     out_shardings=(NamedSharding(mesh, P()), shardings))
+    t0 = time.perf_counter()
+    with activate(mesh, "fsdp"), jax.default_matmul_precision(None):
+        traced = fn.trace(abs_state, ids, ids, ids)
+        assert "shard_map" in str(traced.jaxpr)
+        compiled = traced.lower().compile()
+    hlo = compiled.as_text()
+    calls = hlo.count('custom_call_target="tpu_custom_call"')
+    print(f"\nmodel flashmask {mode} v5p:2x2x1 fsdp=4 4x256: compile {time.perf_counter() - t0:.1f} s, "
+          f"{calls} Mosaic calls")
+    assert ":T(8,128)" in hlo
+    # the layers run under one scan: one call per kernel, in its body
+    assert calls == (1 if mode == "forward" else 3)
+    for name in (["flashmask_fwd"] + (["flashmask_bwd_dkv", "flashmask_bwd_dq"] if mode == "train" else [])):
+        assert name in hlo, name
