@@ -6,12 +6,16 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "loop_script.py")
-ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1",
+       # the five runs compile the same programs: share them through jax's persistent cache
+       "JAX_COMPILATION_CACHE_DIR": os.path.join(tempfile.gettempdir(), f"ernie_jax_test_loop_cache_{os.getuid()}"),
+       "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
 
 
 def _run(workdir, total, every):
