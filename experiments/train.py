@@ -1,6 +1,8 @@
 """Training launcher (absl): one Python config file per experiment, overridable from the command line.
 
     python -m experiments.train --config=experiments/configs/tiny.py --workdir=DIR [--config.key=value ...]
+    # multi-process: the same command in every process, plus --distributed (Cloud TPU / SLURM: detected)
+    # or --coordinator_address=HOST:PORT --num_processes=N --process_id=I
 
 Resumes from DIR/checkpoints when it exists. Writes DIR/metrics.jsonl and TensorBoard events; evaluates on
 the held-out split (LM loss and task accuracy by greedy completion) and prints a few continuations.
@@ -8,7 +10,9 @@ the held-out split (LM loss and task accuracy by greedy completion) and prints a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import logging as logging_std
 from typing import Any
 
@@ -18,6 +22,13 @@ from ml_collections import ConfigDict, config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/tiny.py", "experiment config file")
 _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints and metrics go", required=True)
 _NO_PROGRESS = flags.DEFINE_bool("no_progress", False, "no progress bar (logs only)")
+# Multi-process (multi-host) runs: every process runs this same command; jax.distributed connects them.
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() with the cluster "
+                                 "auto-detected (Cloud TPU, SLURM, ...); implied by --coordinator_address")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0's coordinator, for "
+                                   "clusters jax cannot detect; with --num_processes and --process_id")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "number of processes (with --coordinator_address)")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process' index (with --coordinator_address)")
 
 _TOP_KEYS = {"model", "model_overrides", "mesh", "optimizer", "loss", "data", "total_steps", "micro_batches", "seed",
              "log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "async_checkpoints", "max_nonfinite",
@@ -83,6 +94,11 @@ def main(argv):
     import jax
 
     logging.get_absl_handler().addFilter(_QuietLibraries())
+    if _DISTRIBUTED.value or _COORDINATOR.value:  # before anything touches a device
+        jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+                                   process_id=_PROCESS_ID.value)
+        logging.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
+                     jax.local_device_count(), jax.device_count())
 
     from ernie_jax.data import make_pipeline
     from ernie_jax.train.evaluation import make_eval_fn, print_samples
@@ -93,14 +109,21 @@ def main(argv):
     eval_fn = make_eval_fn(data_cfg, extras["heldout"], extras["eval_examples"]) if extras["eval_examples"] else None
     out = train(train_cfg, _WORKDIR.value, data, eval_fn=eval_fn, eval_every_steps=extras["eval_every_steps"],
                 progress=not _NO_PROGRESS.value)
+    lead = jax.process_index() == 0  # every process computes (collectives), process 0 prints
     if out["stopped_early"]:
-        print(f"stopped at step {out['step']} on a signal; checkpoint saved in {_WORKDIR.value}")
+        if lead:
+            print(f"stopped at step {out['step']} on a signal; checkpoint saved in {_WORKDIR.value}")
         return
     if eval_fn is not None:
         final = evaluate(eval_fn, out["model"], out["state"], out["step"])
-        print("held-out: " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(final.items())))
+        if lead:
+            print("held-out: " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(final.items())))
     if extras["samples"]:
-        print_samples(out["model"], data_cfg, extras["samples"])
+        if lead:
+            print_samples(out["model"], data_cfg, extras["samples"])
+        else:  # the same computation, output dropped
+            with contextlib.redirect_stdout(io.StringIO()):
+                print_samples(out["model"], data_cfg, extras["samples"])
 
 
 if __name__ == "__main__":

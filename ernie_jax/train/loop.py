@@ -136,6 +136,10 @@ def train(cfg: TrainConfig, workdir: str, data: Iterator[dict], *,
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=cfg.keep_checkpoints,
                         async_save=cfg.async_checkpoints)
     restored = ckpt.restore(state, with_data=True)
+    if restored is None and ckpt.all_steps():  # never train over checkpoints of another run silently
+        raise RuntimeError(f"none of the checkpoints {ckpt.all_steps()} in {ckpt.directory} can be restored into "
+                           "this config's train state (see the warnings above); refusing to start over on top of "
+                           "them: use another --workdir or remove them")
     if restored is not None:
         step0, state, data_state = restored
         data.set_state(data_state)
