@@ -21,7 +21,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 HIDDEN_ACTS = ("silu", "gelu", "gelu_pytorch_tanh", "relu", "quick_gelu")
 ATTENTION_IMPLS = ("xla", "jax_nn", "flashmask")
 MOE_DISPATCH = ("dropless", "capacity", "dense")
-GMM_IMPLS = ("auto", "ragged_dot", "tiled", "pallas")
+GMM_IMPLS = ("auto", "ragged_dot", "tiled", "bucketed", "pallas")
 # Names accepted by `remat_policy`; see `ernie_jax.model.remat` for what each one saves.
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_qkv", "save_attn", "save_attn_mlp")
 
@@ -125,7 +125,7 @@ class ErnieConfig:
     moe_dispatch: str = "dropless"  # see ernie_jax.model.moe
     moe_capacity_factor: float = 1.25  # capacity dispatch only
     moe_gmm_impl: str = "auto"  # grouped matmul of the dropless path, see ernie_jax.model.gmm
-    moe_gmm_tile: int = 0  # rows per tile of the `tiled` grouped matmul (0 = from shapes)
+    moe_gmm_tile: int = 0  # rows per tile of the `tiled` grouped matmul and `bucketed`'s fallback (0 = from shapes)
 
     def __post_init__(self):
         if self.moe_layer_end_index == self.num_hidden_layers - 1:  # canonical "to the last layer" is -1
