@@ -26,18 +26,10 @@ import pytest  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from pallas_kernels.flashmask import causal_document_mask, flashmask_attention  # noqa: E402
+from ernie_jax.sharding.topology import libtpu_missing, virtual_tpu_devices  # noqa: E402
 
 
-def _libtpu_missing() -> str | None:
-    try:
-        import libtpu  # noqa: F401
-    except ImportError as e:
-        return (f"libtpu is not installed ({e}); the TPU AOT tier needs the TPU compiler: "
-                f"pip install 'jax[tpu]=={jax.__version__}'")
-    return None
-
-
-_MISSING = _libtpu_missing()
+_MISSING = libtpu_missing()
 pytestmark = [pytest.mark.tpu_aot, pytest.mark.skipif(_MISSING is not None, reason=_MISSING or "")]
 MIB = 2**20
 AXIS = "data"
@@ -63,8 +55,7 @@ CASES = [Case(t, m) for t in ("v5p:2x2x1", "v6e:2x2") for m in ("forward", "trai
 
 @functools.lru_cache(maxsize=None)
 def topology_mesh(name: str) -> jax.sharding.Mesh:
-    from jax.experimental import topologies
-    devices = topologies.get_topology_desc(name, "tpu").devices
+    devices = virtual_tpu_devices(name)
     return jax.sharding.Mesh(np.array(devices), (AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
 
 
@@ -145,8 +136,7 @@ def test_model_flashmask_sharded_aot(mode):
     from ernie_jax.model import abstract_model
     from ernie_jax.sharding import MeshConfig, activate, make_mesh, param_shardings, resolve_rules
 
-    from jax.experimental import topologies
-    devices = topologies.get_topology_desc("v5p:2x2x1", "tpu").devices
+    devices = virtual_tpu_devices("v5p:2x2x1")
     mesh = make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1), devices=devices)
     cfg = ernie_jax.get_preset("tiny", head_dim=128, dtype="bfloat16", attention_impl="flashmask")
     graphdef, abs_state = nnx.split(abstract_model(cfg))

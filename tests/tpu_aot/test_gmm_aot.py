@@ -30,18 +30,10 @@ import pytest  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from pallas_kernels.gmm import choose_tiling, gmm  # noqa: E402
+from ernie_jax.sharding.topology import libtpu_missing, virtual_tpu_devices  # noqa: E402
 
 
-def _libtpu_missing() -> str | None:
-    try:
-        import libtpu  # noqa: F401
-    except ImportError as e:
-        return (f"libtpu is not installed ({e}); the TPU AOT tier needs the TPU compiler: "
-                f"pip install 'jax[tpu]=={jax.__version__}'")
-    return None
-
-
-_MISSING = _libtpu_missing()
+_MISSING = libtpu_missing()
 pytestmark = [pytest.mark.tpu_aot, pytest.mark.skipif(_MISSING is not None, reason=_MISSING or "")]
 
 HBM_GIB = {"TPU v5": 95, "TPU v6 lite": 32}
@@ -70,8 +62,7 @@ CASES.append(Case("v5p:2x2x1", "train", dtype="float32"))  # fp32 operands: mult
 
 @functools.lru_cache(maxsize=None)
 def topology_mesh(name: str) -> jax.sharding.Mesh:
-    from jax.experimental import topologies
-    devices = topologies.get_topology_desc(name, "tpu").devices
+    devices = virtual_tpu_devices(name)
     return jax.sharding.Mesh(np.array(devices), (AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
 
 

@@ -41,18 +41,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 import ernie_jax  # noqa: E402
 from ernie_jax.model import abstract_model  # noqa: E402
 from ernie_jax.sharding import MeshConfig, activate, make_mesh, param_shardings, resolve_rules  # noqa: E402
+from ernie_jax.sharding.topology import libtpu_missing, virtual_tpu_devices  # noqa: E402
 
 
-def _libtpu_missing() -> str | None:
-    try:
-        import libtpu  # noqa: F401  (only locates libtpu.so; loading it happens at the first topology)
-    except ImportError as e:
-        return (f"libtpu is not installed ({e}); the TPU AOT tier needs the TPU compiler: "
-                f"pip install 'jax[tpu]=={jax.__version__}'")
-    return None
-
-
-_MISSING = _libtpu_missing()
+_MISSING = libtpu_missing()
 pytestmark = [pytest.mark.tpu_aot, pytest.mark.skipif(_MISSING is not None, reason=_MISSING or "")]
 
 BATCH_SPEC = P(("data", "fsdp", "expert"), None)  # the batch follows the `act_batch` rule
@@ -90,8 +82,7 @@ CASES += [Case(t, "ernie-4.5-0.3b", m, 1, 256) for t in TOPOLOGIES for m in ("fo
 
 @functools.lru_cache(maxsize=None)
 def topology_devices(name: str) -> tuple:
-    from jax.experimental import topologies
-    return tuple(topologies.get_topology_desc(name, "tpu").devices)
+    return virtual_tpu_devices(name)
 
 
 def _local_shape(shape, sharding) -> list[int]:
