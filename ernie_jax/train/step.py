@@ -161,7 +161,7 @@ def make_train_step(model: nnx.Module, tx: optax.GradientTransformation, schedul
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
         (grads, loss_sum), aux = jax.lax.scan(micro, (zeros, jnp.zeros((), jnp.float32)), batch)
         grads = jax.tree.map(lambda g: g / n_micro, grads)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm)
 
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
