@@ -30,6 +30,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.varying import out_struct
+
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 NUM_LANES = 128
 NUM_STATS = 8  # min/max of LTS, LTE, UTS, UTE
@@ -67,21 +69,6 @@ def _visible(i, j, lts, lte, uts, ute, causal: bool):
     if causal:
         return (i >= j) & vis_ll
     return jnp.where(i >= j, vis_ll, (i < uts) | (i >= ute))
-
-
-def _out_struct(shape, dtype, *operands) -> jax.ShapeDtypeStruct:
-    """A pallas_call output type. Inside a `jax.shard_map` that checks varying manual axes it must name the
-    mesh axes it varies over: those of any operand (jax 0.10: `manual_axis_type`; older: `vma`)."""
-    avals = [jax.typeof(x) for x in operands]
-    mat_cls = getattr(jax.sharding, "ManualAxisType", None)
-    if mat_cls is not None and all(hasattr(a, "mat") for a in avals):
-        varying = frozenset().union(*(a.mat.varying for a in avals))
-        return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=mat_cls(varying=varying))
-    vma = frozenset().union(*(getattr(a, "vma", frozenset()) for a in avals))
-    try:
-        return jax.ShapeDtypeStruct(shape, dtype, vma=vma)
-    except TypeError:
-        return jax.ShapeDtypeStruct(shape, dtype)
 
 
 def _dot_nt(a, b):
@@ -197,8 +184,8 @@ def forward(q, k, v, bnd_rows, stats, q_ranges, *, causal, scale, bq, bk, sq, hm
             scratch_shapes=[pltpu.VMEM((bq, NUM_LANES), jnp.float32), pltpu.VMEM((bq, NUM_LANES), jnp.float32),
                             pltpu.VMEM((bq, d), jnp.float32)],
         ),
-        out_shape=[_out_struct(q.shape, q.dtype, q, k, v, bnd_rows, stats, q_ranges),
-                   _out_struct((bsz, hq, sq_p, NUM_LANES), jnp.float32, q, k, v, bnd_rows, stats, q_ranges)],
+        out_shape=[out_struct(q.shape, q.dtype, q, k, v, bnd_rows, stats, q_ranges),
+                   out_struct((bsz, hq, sq_p, NUM_LANES), jnp.float32, q, k, v, bnd_rows, stats, q_ranges)],
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
         interpret=interpret,
@@ -306,8 +293,8 @@ def backward_dkv(q, k, v, do, lse, delta, bnd_cols, stats, kv_ranges, *, causal,
             out_specs=[pl.BlockSpec((None, None, bk, d), kv_map), pl.BlockSpec((None, None, bk, d), kv_map)],
             scratch_shapes=[pltpu.VMEM((bk, d), jnp.float32), pltpu.VMEM((bk, d), jnp.float32)],
         ),
-        out_shape=[_out_struct(k.shape, k.dtype, q, k, v, do, lse, bnd_cols, stats, kv_ranges),
-                   _out_struct(v.shape, v.dtype, q, k, v, do, lse, bnd_cols, stats, kv_ranges)],
+        out_shape=[out_struct(k.shape, k.dtype, q, k, v, do, lse, bnd_cols, stats, kv_ranges),
+                   out_struct(v.shape, v.dtype, q, k, v, do, lse, bnd_cols, stats, kv_ranges)],
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
         interpret=interpret,
@@ -405,7 +392,7 @@ def backward_dq(q, k, v, do, lse, delta, bnd_rows, stats, q_ranges, *, causal, s
             out_specs=pl.BlockSpec((None, None, bq, d), q_map),
             scratch_shapes=[pltpu.VMEM((bq, d), jnp.float32)],
         ),
-        out_shape=_out_struct(q.shape, q.dtype, q, k, v, do, lse, bnd_rows, stats, q_ranges),
+        out_shape=out_struct(q.shape, q.dtype, q, k, v, do, lse, bnd_rows, stats, q_ranges),
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
         interpret=interpret,

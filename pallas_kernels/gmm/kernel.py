@@ -46,6 +46,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.varying import out_struct
+
 
 class Schedule(NamedTuple):
     """Grid-step tables of one grouped matmul (all int32; S = max_steps(...))."""
@@ -89,23 +91,6 @@ def make_schedule(group_sizes: jax.Array, group_offset: jax.Array, *, m: int, tm
     tile = first_tile[group] + step - (last_step[group] - tiles[group])
     tile = jnp.clip(tile, 0, tiles_m - 1).astype(jnp.int32)
     return Schedule(group, tile, start.astype(jnp.int32), end.astype(jnp.int32), num_steps.astype(jnp.int32))
-
-
-def _out_struct(shape, dtype, *operands) -> jax.ShapeDtypeStruct:
-    """A pallas_call output type. Inside a `jax.shard_map` that checks varying manual axes (the default) it
-    must say over which mesh axes the output varies: those any operand varies over (e.g. the expert axis
-    through a group_offset from `axis_index`). jax 0.10 spells this `manual_axis_type` (`.mat` of an aval);
-    older releases `vma`; where neither exists, nothing is needed."""
-    avals = [jax.typeof(x) for x in operands]
-    mat_cls = getattr(jax.sharding, "ManualAxisType", None)
-    if mat_cls is not None and all(hasattr(a, "mat") for a in avals):
-        varying = frozenset().union(*(a.mat.varying for a in avals))
-        return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=mat_cls(varying=varying))
-    vma = frozenset().union(*(getattr(a, "vma", frozenset()) for a in avals))
-    try:
-        return jax.ShapeDtypeStruct(shape, dtype, vma=vma)
-    except TypeError:
-        return jax.ShapeDtypeStruct(shape, dtype)
 
 
 def _row_mask(shape, tile, start, end, tm):
@@ -175,7 +160,7 @@ def gmm_call(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, group_offse
                         + m * n * jnp.dtype(out_dtype).itemsize))
     out = pl.pallas_call(
         kernel,
-        out_shape=_out_struct((m, n), out_dtype, lhs, rhs, *sched),
+        out_shape=out_struct((m, n), out_dtype, lhs, rhs, *sched),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=4,
             grid=(tiles_n, sched.num_steps, tiles_k),
@@ -252,7 +237,7 @@ def tgmm_call(x: jax.Array, y: jax.Array, group_sizes: jax.Array, group_offset: 
                         + num_local_groups * k * n * jnp.dtype(out_dtype).itemsize))
     return pl.pallas_call(
         kernel,
-        out_shape=_out_struct((num_local_groups, k, n), out_dtype, x, y, *sched),
+        out_shape=out_struct((num_local_groups, k, n), out_dtype, x, y, *sched),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=4,
             grid=(tiles_k, tiles_n, sched.num_steps),
