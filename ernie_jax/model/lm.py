@@ -68,8 +68,7 @@ class ErnieForCausalLM(nnx.Module):
         x = jnp.take(self.embed[...].astype(dt), input_ids, axis=0)
         x = shard(x, ("act_batch", "act_length", "act_embed"))
         angles = rope_angles(positions, c.head_dim, c.rope_theta)
-        token_mask = None if attention_mask is None else attention_mask.astype(bool)
-        x, moe_stats = self.decoder(x, angles, mask, token_mask)
+        x, moe_stats = self.decoder(x, angles, mask, mask.kv_valid)  # real tokens: the router statistics
         h = self.final_norm(x)
         mtp_logits = None
         if mtp_input_ids is not None:
