@@ -49,6 +49,24 @@ PRESETS: dict[str, ErnieConfig] = {
         num_key_value_heads=2, head_dim=16, max_position_embeddings=256, rope_theta=10000.0,
         moe_num_experts=8, moe_k=2, moe_intermediate_size=(16,), moe_num_shared_experts=1,
         moe_layer_start_index=1),
+    # Tiny VL: `tiny`'s decoder with modality-isolated experts and a 2-block ViT; the vocab is the embedded
+    # 512-piece tokenizer's plus the six image/video special ids, which the tokenizer never produces.
+    "tiny-vl": ErnieConfig(
+        vocab_size=520, hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=64, max_position_embeddings=2048, rope_theta=10000.0,
+        moe_num_experts=8, moe_k=2, moe_intermediate_size=(128, 64), moe_num_shared_experts=1,
+        moe_layer_start_index=1, mrope_section=(12, 12, 8),
+        vision=VisionConfig(depth=2, hidden_size=64, intermediate_size=256, num_heads=4),
+        image_token_id=512, image_start_token_id=513, image_end_token_id=514, video_token_id=515,
+        video_start_token_id=516, video_end_token_id=517),
+    "tiny-vl-test": ErnieConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=256, rope_theta=10000.0,
+        moe_num_experts=8, moe_k=2, moe_intermediate_size=(16, 8), moe_num_shared_experts=1,
+        moe_layer_start_index=1, mrope_section=(3, 3, 2),
+        vision=VisionConfig(depth=2, hidden_size=32, intermediate_size=64, num_heads=2),
+        image_token_id=100, image_start_token_id=101, image_end_token_id=102, video_token_id=103,
+        video_start_token_id=104, video_end_token_id=105),
 }
 
 RELEASED = ("ernie-4.5-0.3b", "ernie-4.5-21b-a3b", "ernie-4.5-300b-a47b", "ernie-4.5-vl-28b-a3b",

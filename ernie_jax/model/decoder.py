@@ -40,11 +40,13 @@ class DecoderLayer(nnx.Module):
             raise ValueError(f"unknown layer kind {kind!r}")
 
     def __call__(self, x: jax.Array, angles: jax.Array, mask: AttentionMask,
-                 token_mask: jax.Array | None = None) -> tuple[jax.Array, MoEStats | None]:
-        """x [B, S, H] -> ([B, S, H], router statistics of a MoE layer or None)."""
+                 token_mask: jax.Array | None = None,
+                 modality: jax.Array | None = None) -> tuple[jax.Array, MoEStats | None]:
+        """x [B, S, H] -> ([B, S, H], router statistics of a MoE layer or None). modality [B, S]: the VL
+        routing type ids (`MoEBlock`)."""
         x = x + self.attn(self.input_norm(x), angles, mask)
         if self.kind == "moe":
-            y, stats = self.mlp(self.post_attn_norm(x), token_mask)
+            y, stats = self.mlp(self.post_attn_norm(x), token_mask, modality)
             return x + y, stats
         return x + self.mlp(self.post_attn_norm(x)), None
 
@@ -68,12 +70,13 @@ class LayerStack(nnx.Module):
         self.layers = stack_modules(lambda r: DecoderLayer(config, kind, rngs=r), n, rngs)
 
     def __call__(self, x: jax.Array, angles: jax.Array, mask: AttentionMask,
-                 token_mask: jax.Array | None = None) -> tuple[jax.Array, MoEStats | None]:
+                 token_mask: jax.Array | None = None,
+                 modality: jax.Array | None = None) -> tuple[jax.Array, MoEStats | None]:
         """-> (x, MoEStats with a leading [n] layer axis, or None for dense stacks)."""
         graphdef, state = nnx.split(self.layers)
 
         def body(h, layer_state):
-            return nnx.merge(graphdef, layer_state)(h, angles, mask, token_mask)
+            return nnx.merge(graphdef, layer_state)(h, angles, mask, token_mask, modality)
 
         return jax.lax.scan(remat(body, self.remat_policy), x, state)
 
@@ -95,11 +98,12 @@ class Decoder(nnx.Module):
         self.stacks = nnx.List([LayerStack(config, kind, n, rngs=rngs) for kind, n in layer_segments(config)])
 
     def __call__(self, x: jax.Array, angles: jax.Array, mask: AttentionMask,
-                 token_mask: jax.Array | None = None) -> tuple[jax.Array, MoEStats | None]:
+                 token_mask: jax.Array | None = None,
+                 modality: jax.Array | None = None) -> tuple[jax.Array, MoEStats | None]:
         """-> (x, MoEStats stacked over all MoE layers in depth order, or None)."""
         stats = []
         for stack in self.stacks:
-            x, st = stack(x, angles, mask, token_mask)
+            x, st = stack(x, angles, mask, token_mask, modality)
             if st is not None:
                 stats.append(st)
         if not stats:

@@ -99,8 +99,8 @@ def _local(x, ids, w, wg, wu, wo, *, ep: int, cap: int, act: Callable, impl: str
     pd, pc = p // cap, p % cap
     buf_valid = pc < send_sizes[pd]
     buf_src = jnp.where(buf_valid, starts[pd] + pc, 0)
-    pos = jnp.arange(n) - starts[dest]  # sorted slot -> its row in the destination's block
-    slot_valid = pos < cap
+    pos = jnp.arange(n) - starts[jnp.minimum(dest, ep - 1)]  # sorted slot -> its row in the destination's block
+    slot_valid = (pos < cap) & (dest < ep)  # id E (a VL token of the other modality's pool): sent nowhere
     slot_dst = jnp.where(slot_valid, dest * cap + pos, 0)
     send = gather_rows(xs, buf_src, buf_valid, slot_dst, slot_valid)
     send_lid = jnp.where(buf_valid, sorted_ids[buf_src] % el, el)  # local expert id, el = padding

@@ -60,15 +60,27 @@ class ErnieForCausalLM(nnx.Module):
         """
         c = self.config
         b, s = input_ids.shape
-        dt = jnp.dtype(c.dtype)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+        angles = rope_angles(positions, c.head_dim, c.rope_theta)
+        return self._decode(self._embed(input_ids), angles, segment_ids=segment_ids, attention_mask=attention_mask,
+                            mtp_input_ids=mtp_input_ids)
+
+    def _embed(self, ids: jax.Array) -> jax.Array:
+        """[B, S] int -> [B, S, H] in the compute dtype."""
+        return jnp.take(self.embed[...].astype(jnp.dtype(self.config.dtype)), ids, axis=0)
+
+    def _decode(self, x: jax.Array, angles: jax.Array, *, segment_ids: jax.Array | None,
+                attention_mask: jax.Array | None, mtp_input_ids: jax.Array | None = None,
+                modality: jax.Array | None = None) -> CausalLMOutput:
+        """Input embeddings x [B, S, H] and RoPE angles [B, S, D/2] -> decoder stacks, norm, head (+ MTP).
+        modality [B, S]: VL routing type ids for the MoE layers."""
+        c = self.config
+        b, s, _ = x.shape
         mask = AttentionMask(causal=True, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
                              kv_valid=None if attention_mask is None else attention_mask.astype(bool))
-        x = jnp.take(self.embed[...].astype(dt), input_ids, axis=0)
         x = shard(x, ("act_batch", "act_length", "act_embed"))
-        angles = rope_angles(positions, c.head_dim, c.rope_theta)
-        x, moe_stats = self.decoder(x, angles, mask, mask.kv_valid)  # real tokens: the router statistics
+        x, moe_stats = self.decoder(x, angles, mask, mask.kv_valid, modality)  # real tokens: the router statistics
         h = self.final_norm(x)
         mtp_logits = None
         if mtp_input_ids is not None:
@@ -77,7 +89,7 @@ class ErnieForCausalLM(nnx.Module):
                                  f"got {mtp_input_ids.shape}")
             hd, outs = x, []
             for depth, ids_d in zip(self.mtp, mtp_input_ids):
-                hd = depth(jnp.take(self.embed[...].astype(dt), ids_d, axis=0), hd, angles, mask)
+                hd = depth(self._embed(ids_d), hd, angles, mask)
                 outs.append(self._head(self.final_norm(hd)))
             mtp_logits = jnp.stack(outs)
         return CausalLMOutput(logits=self._head(h), hidden_states=h, moe_stats=moe_stats, mtp_logits=mtp_logits)

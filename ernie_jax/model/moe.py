@@ -9,6 +9,14 @@ Three interchangeable dispatch paths (`ErnieConfig.moe_dispatch`), equal wheneve
 - `dense`: every expert on every token, weighted by the (mostly zero) routing matrix. The plain oracle.
 The block also returns `MoEStats`, the per-layer sums the router losses and load balancing need.
 On a mesh with an `expert` axis > 1 the dropless path runs expert-parallel (`expert_parallel`).
+
+VL models (ERNIE-4.5-VL, `config.vision` set) isolate modalities: every MoE layer holds a text pool
+(`router`, `experts`) and a vision pool (`vision_router`, `vision_experts`, its own width), each with its own
+fp32 router and correction bias; a token is routed by the pool of its `moe_mm_token_type_ids` (0 text,
+1/2 image/video placeholders and their start/end tokens) and only through it; shared experts see every
+token. Each pool runs the same dispatch on all token slots with the other modality's slots sent to the
+out-of-range expert id E: sorted last, outside every group, they cost the grouped matmul nothing and come
+out zero (the capacity and dense paths drop them through `one_hot(E) == 0`).
 """
 
 from __future__ import annotations
@@ -69,6 +77,7 @@ class Experts(nnx.Module):
         h = checkpoint_name(ACTIVATIONS[self.act](gate) * up, "moe_hidden")
         ys = grouped_matmul(h, wo, sizes, impl=impl, tile=tile)
         y = permute_rows(ys, inverse, order).reshape(t, k, -1)
+        y = jnp.where((r.expert_ids < e)[..., None], y, 0)  # slots of the other modality (id E): no rows
         return jnp.einsum("TKH,TK->TH", y, r.weights.astype(y.dtype))
 
     def capacity(self, x: jax.Array, r: Routing, *, capacity_factor: float) -> jax.Array:
@@ -110,40 +119,76 @@ def router_stats(r: Routing, token_mask: jax.Array | None) -> MoEStats:
                     z_sum=jnp.sum(m * lse ** 2), usage=jax.lax.stop_gradient(counts(r.expert_ids)))
 
 
+def isolate(r: Routing, member: jax.Array) -> Routing:
+    """Routing restricted to the tokens of one modality (member [T] bool): the others' slots go to the
+    out-of-range expert id E with weight 0, so every dispatch path leaves them out."""
+    e = r.probs.shape[-1]
+    return r.replace(expert_ids=jnp.where(member[:, None], r.expert_ids, e),
+                     weights=jnp.where(member[:, None], r.weights, 0).astype(r.weights.dtype))
+
+
 class MoEBlock(nnx.Module):
-    """Router + routed experts (+ shared experts, one SwiGLU of width I * n_shared on every token)."""
+    """Router + routed experts (+ shared experts, one SwiGLU of width I * n_shared on every token); VL
+    configs add the vision pool `vision_router` + `vision_experts` (module docstring)."""
 
     def __init__(self, config: ErnieConfig, *, rngs: nnx.Rngs):
         c = config
         self.config = c
         pd = jnp.dtype(c.param_dtype)
         width = c.moe_intermediate_size[0]
-        self.router = Router(c.hidden_size, c.moe_num_experts, c.moe_k, norm_min=c.moe_norm_min,
-                             std=c.initializer_range, rngs=rngs)
-        self.experts = Experts(c.moe_num_experts, c.hidden_size, width, act=c.hidden_act,
-                               std=c.initializer_range, param_dtype=pd, rngs=rngs)
+        pool = lambda w: (Router(c.hidden_size, c.moe_num_experts, c.moe_k, norm_min=c.moe_norm_min,  # noqa: E731
+                                 std=c.initializer_range, rngs=rngs),
+                          Experts(c.moe_num_experts, c.hidden_size, w, act=c.hidden_act,
+                                  std=c.initializer_range, param_dtype=pd, rngs=rngs))
+        self.router, self.experts = pool(width)
+        if c.vision is not None:
+            self.vision_router, self.vision_experts = pool(c.moe_intermediate_size[1])
         if c.moe_num_shared_experts:
             self.shared = MLP(c.hidden_size, width * c.moe_num_shared_experts, act=c.hidden_act,
                               use_bias=c.use_bias, std=c.initializer_range, param_dtype=pd, rngs=rngs)
 
-    def __call__(self, x: jax.Array, token_mask: jax.Array | None = None) -> tuple[jax.Array, MoEStats]:
-        """x [B, S, H], token_mask [B, S] bool (real tokens, for the statistics) -> ([B, S, H], MoEStats)."""
+    def _routed(self, router: Router, experts: Experts, xt: jax.Array, member: jax.Array | None,
+                token_mask: jax.Array | None) -> tuple[jax.Array, MoEStats]:
+        """One pool on xt [T, H]; member [T] bool restricts it to one modality (None: every token)."""
         c = self.config
+        r = router(xt)
+        mask = member if token_mask is None else token_mask if member is None else token_mask & member
+        stats = router_stats(r, mask)
+        if member is not None:
+            r = isolate(r, member)
+        plan = expert_parallel_plan(c.moe_num_experts, xt.shape[0]) if c.moe_dispatch == "dropless" else None
+        if plan is not None:  # experts split over the `expert` mesh axis, all-to-all token exchange
+            y = dropless_expert_parallel(xt, r, *experts.weights(xt.dtype), plan=plan,
+                                         act=ACTIVATIONS[experts.act], impl=c.moe_gmm_impl, tile=c.moe_gmm_tile)
+        elif c.moe_dispatch == "dropless":
+            y = experts.dropless(xt, r, impl=c.moe_gmm_impl, tile=c.moe_gmm_tile)
+        elif c.moe_dispatch == "capacity":
+            y = experts.capacity(xt, r, capacity_factor=c.moe_capacity_factor)
+        else:
+            y = experts.dense(xt, r)
+        return y, stats
+
+    def __call__(self, x: jax.Array, token_mask: jax.Array | None = None,
+                 modality: jax.Array | None = None) -> tuple[jax.Array, MoEStats]:
+        """x [B, S, H], token_mask [B, S] bool (real tokens, for the statistics), modality [B, S] int
+        (VL: `moe_mm_token_type_ids`, > 0 = vision pool; None = all text) -> ([B, S, H], MoEStats).
+
+        The statistics of a VL block have a leading modality axis [2] (text, vision)."""
         b, s, h = x.shape
         xt = x.reshape(b * s, h)
-        r = self.router(xt)
-        plan = expert_parallel_plan(c.moe_num_experts, b * s) if c.moe_dispatch == "dropless" else None
-        if plan is not None:  # experts split over the `expert` mesh axis, all-to-all token exchange
-            y = dropless_expert_parallel(xt, r, *self.experts.weights(xt.dtype), plan=plan,
-                                         act=ACTIVATIONS[self.experts.act], impl=c.moe_gmm_impl, tile=c.moe_gmm_tile)
-        elif c.moe_dispatch == "dropless":
-            y = self.experts.dropless(xt, r, impl=c.moe_gmm_impl, tile=c.moe_gmm_tile)
-        elif c.moe_dispatch == "capacity":
-            y = self.experts.capacity(xt, r, capacity_factor=c.moe_capacity_factor)
+        tm = None if token_mask is None else token_mask.reshape(-1)
+        if not hasattr(self, "vision_router"):
+            y, stats = self._routed(self.router, self.experts, xt, None, tm)
         else:
-            y = self.experts.dense(xt, r)
+            vision = jnp.zeros((b * s,), bool) if modality is None else modality.reshape(-1) > 0
+            y, text_stats = self._routed(self.router, self.experts, xt, ~vision, tm)
+            if modality is None:  # pure text (or decoding): the vision pool sees no token
+                vision_stats = jax.tree.map(jnp.zeros_like, text_stats)
+            else:
+                y_v, vision_stats = self._routed(self.vision_router, self.vision_experts, xt, vision, tm)
+                y = y + y_v
+            stats = jax.tree.map(lambda a, v: jnp.stack([a, v]), text_stats, vision_stats)
         y = y.reshape(b, s, h).astype(x.dtype)
-        if c.moe_num_shared_experts:
+        if hasattr(self, "shared"):
             y = y + self.shared(x)
-        stats = router_stats(r, None if token_mask is None else token_mask.reshape(-1))
         return checkpoint_name(shard(y, ("act_batch", "act_length", "act_embed")), "mlp_out"), stats

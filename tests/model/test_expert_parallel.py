@@ -123,3 +123,36 @@ def test_capacity_knob_drops_only_overflow():
     np.testing.assert_allclose(enough, ref, atol=1e-5)
     dropped = ~np.isclose(short, ref, atol=1e-5).all(-1)
     assert 0 < dropped.sum() <= 8  # at most one slot per token shard lost
+
+
+def test_vl_isolated_pools_expert_parallel_match_single_device():
+    """VL blocks send the other modality's slots to expert id E: expert-parallel drops them exactly like the
+    single-device dispatch (values and gradients)."""
+    from ernie_jax.model.moe import MoEBlock
+    cfg = get_preset("tiny-vl-test")
+    block = nnx.merge(*nnx.split(MoEBlock(cfg, rngs=nnx.Rngs(3))))
+    g, st = nnx.split(block)
+    st = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(1), a.shape, a.dtype), st)
+    x = jnp.asarray(np.random.RandomState(2).randn(8, 12, cfg.hidden_size), jnp.float32)
+    modality = jnp.asarray(np.random.RandomState(3).randint(0, 3, (8, 12)), jnp.int32)
+    cot = jnp.asarray(np.random.RandomState(4).randn(*x.shape), jnp.float32)
+
+    def loss(st, x, modality):
+        y, stats = nnx.merge(g, st)(x, None, modality)
+        return jnp.sum(y * cot), (y, stats)
+
+    f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+    (_, (ref_y, ref_stats)), ref_grads = f(st, x, modality)
+    mesh = make_mesh(MeshConfig(expert=4, fsdp=-1))
+    with activate(mesh, RULES):
+        spec = NamedSharding(mesh, logical_to_spec(("act_batch", "act_length", "act_embed"), x.shape,
+                                                   dict(mesh.shape), RULES))
+        st_s = jax.device_put(st, param_shardings(st, mesh, RULES))
+        assert expert_parallel_plan(cfg.moe_num_experts, 96) is not None
+        hlo = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)).lower(st_s, x, modality).as_text()
+        assert "all_to_all" in hlo
+        (_, (y, stats)), grads = f(st_s, jax.device_put(x, spec), modality)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(ref_y), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(stats.usage), np.asarray(ref_stats.usage))
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)

@@ -237,3 +237,60 @@ def test_stats_reproduce_transformers_aux_loss(tmp_path):
         ref = load_balancing_loss_func(out.router_logits, E, K, None if mask is None else torch.tensor(mask))
         np.testing.assert_allclose(float(aux), float(ref), rtol=1e-6)
         np.testing.assert_allclose(float(aux), float(out.aux_loss), rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------ VL: modality isolation
+VL = get_preset("tiny-vl-test")
+
+
+def _vl_block(seed=0, **changes):
+    return _randomise(nnx.eval_shape(lambda: MoEBlock(VL.replace(**changes), rngs=nnx.Rngs(0))), seed)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _vl_run(g, st, x, mask, modality):
+    return nnx.merge(g, st)(x, mask, modality)
+
+
+def _pool_reference(block, x, vision, mask):
+    """Each token through its own pool only (the dense oracle on that pool), plus the shared expert."""
+    xt = x.reshape(-1, x.shape[-1])
+    out = jnp.zeros_like(xt)
+    for router, experts, member in ((block.router, block.experts, ~vision),
+                                    (block.vision_router, block.vision_experts, vision)):
+        y = experts.dense(xt, router(xt))
+        out = out + jnp.where(member[:, None], y, 0)
+    return out.reshape(x.shape) + block.shared(x)
+
+
+@pytest.mark.parametrize("dispatch", ["dropless", "capacity", "dense"])
+def test_vl_tokens_route_only_through_their_modality_pool(dispatch):
+    block = _vl_block(moe_dispatch=dispatch, moe_capacity_factor=8.0)
+    x = jnp.asarray(np.random.RandomState(3).randn(2, 12, VL.hidden_size), jnp.float32)
+    modality = jnp.asarray(np.random.RandomState(4).randint(0, 3, (2, 12)), jnp.int32)  # 0 text, 1 image, 2 video
+    mask = jnp.ones((2, 12), bool).at[1, -3:].set(False)
+    y, stats = _vl_run(*nnx.split(block), x, mask, modality)
+    vision = modality.reshape(-1) > 0
+    np.testing.assert_allclose(y, _pool_reference(block, x, vision, mask), atol=2e-6, rtol=1e-5)
+    # statistics per modality [2, ...]: each pool counts its own real tokens only
+    real = mask.reshape(-1)
+    np.testing.assert_allclose(stats.num_tokens, [jnp.sum(real & ~vision), jnp.sum(real & vision)])
+    np.testing.assert_allclose(stats.usage.sum(-1), VL.moe_k * stats.num_tokens)
+    # a token's output does not depend on the other pool's weights
+    changed = _vl_block(seed=9, moe_dispatch=dispatch, moe_capacity_factor=8.0)
+    mixed = nnx.merge(*nnx.split(block))
+    mixed.vision_router, mixed.vision_experts = changed.vision_router, changed.vision_experts
+    y2, _ = _vl_run(*nnx.split(mixed), x, mask, modality)
+    v = np.asarray(vision).reshape(2, 12)
+    np.testing.assert_array_equal(np.asarray(y2)[~v], np.asarray(y)[~v])
+    assert not np.allclose(np.asarray(y2)[v], np.asarray(y)[v])
+
+
+def test_vl_without_type_ids_is_all_text():
+    block = _vl_block()
+    x = jnp.asarray(np.random.RandomState(5).randn(1, 8, VL.hidden_size), jnp.float32)
+    y_none, st_none = _vl_run(*nnx.split(block), x, None, None)
+    y_zero, st_zero = _vl_run(*nnx.split(block), x, None, jnp.zeros((1, 8), jnp.int32))
+    np.testing.assert_allclose(y_none, y_zero, atol=1e-6)
+    np.testing.assert_array_equal(st_none.usage, st_zero.usage)
+    assert float(st_none.num_tokens[1]) == 0 and float(st_none.num_tokens[0]) == 8
