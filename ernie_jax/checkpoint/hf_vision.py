@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Callable, Mapping
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -100,13 +101,18 @@ def load_tensors(module: nnx.Module, rules: list[Rule], tensors: Mapping[str, np
     missing = sorted(k for r in rules for k in r.keys() if k not in tensors)
     if missing:
         raise CheckpointError(f"missing keys ({len(missing)}): {missing}")
+    bad = []
+    for r in rules:
+        target = flat[r.ours].get_value()
+        want = jax.eval_shape(r.to_hf, jax.ShapeDtypeStruct(r.per_key_shape(target.shape), target.dtype)).shape
+        bad += [f"{k!r}: shape {np.shape(tensors[k])}, the config implies {tuple(want)}" for k in r.keys()
+                if np.shape(tensors[k]) != tuple(want)]
+    if bad:
+        raise CheckpointError(f"shape mismatch ({len(bad)}): " + "; ".join(bad))
     new = {}
     for r in rules:
         target = flat[r.ours].get_value()
         arr = np.stack([np.asarray(r.to_ours(np.asarray(tensors[k]))) for k in r.keys()])
-        if arr.size != np.prod(target.shape):
-            raise CheckpointError(f"{r.keys()[0]!r}: shape {np.shape(tensors[r.keys()[0]])} does not fit "
-                                  f"{'.'.join(map(str, r.ours))} {tuple(target.shape)}")
         new[r.ours] = flat[r.ours].replace(jnp.asarray(arr.reshape(target.shape), target.dtype))
     return nnx.merge(graphdef, nnx.from_flat_state([(p, new[p]) for p in flat]))
 
