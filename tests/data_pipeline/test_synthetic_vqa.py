@@ -142,6 +142,7 @@ def test_answers_are_uniform_so_chance_is_known():
 def test_check_vqa_answer():
     ex = {"answer": " 2"}
     assert vqa.check_vqa_answer(ex, " 2") and vqa.check_vqa_answer(ex, " 2 and") and vqa.check_vqa_answer(ex, " 2.")
-    assert not vqa.check_vqa_answer(ex, " 23") and not vqa.check_vqa_answer(ex, "2") and not vqa.check_vqa_answer(ex, "")
+    assert not vqa.check_vqa_answer(ex, " 23") and not vqa.check_vqa_answer(ex, "2")
+    assert not vqa.check_vqa_answer(ex, "")
     assert vqa.check_vqa_answer({"answer": " no"}, " no") and not vqa.check_vqa_answer({"answer": " no"}, " none")
     assert not vqa.check_vqa_answer({"answer": ""}, "")
