@@ -131,7 +131,8 @@ class DocumentEncoder:
         segments, answer = self.parse(raw, path, record)
         enc = self.prompt(segments, path, record)
         answer_ids = self._text(answer, path, record, "answer") if answer else np.zeros(0, np.int64)
-        tokens = np.concatenate([enc.input_ids, answer_ids, [self.eos] if cfg.add_eos else []]).astype(np.int32)
+        eos = np.array([self.eos] if cfg.add_eos else [], np.int64)
+        tokens = np.concatenate([enc.input_ids, answer_ids, eos]).astype(np.int32)
         answer_start = len(enc.input_ids) if answer_ids.size else len(tokens)
         if len(tokens) < 2:
             raise DataError(path, record, "document has fewer than 2 tokens (nothing to predict)", "empty")

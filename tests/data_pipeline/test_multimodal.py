@@ -35,8 +35,9 @@ def mm_config(path, **kw) -> MultimodalDataConfig:
     return MultimodalDataConfig(**base)
 
 
-def _record(path, g_loader, g):
-    src, _, r = g_loader.where(g)
+def _record(loader, g) -> dict:
+    """The raw JSON record of global sample g, read directly from its file."""
+    src, _, r = loader.where(g)
     with open(src, "rb") as f:
         return json.loads(f.read().splitlines()[r])
 
@@ -76,7 +77,7 @@ def test_rows_respect_budgets_and_match_the_processor(corpus):
             # every document's tokens and pixels, from the raw record through the processor
             po = io_ = 0
             for j, g in enumerate(ids):
-                rec = _record(corpus["train"], it.loader, int(g))
+                rec = _record(it.loader, int(g))
                 pos = np.flatnonzero(seg == j + 1)
                 assert (b["positions"][r, pos] == np.arange(len(pos))).all()
                 enc = encode_example_prompt(rec, cfg, it.loader.encoder)
@@ -100,7 +101,7 @@ def test_answer_only_loss(corpus):
     tok = it.loader.encoder.tokenizer
     for r in range(cfg.global_batch_size):
         for j, g in enumerate(b["sample_ids"][r][b["sample_ids"][r] >= 0]):
-            rec = _record(corpus["train"], it.loader, int(g))
+            rec = _record(it.loader, int(g))
             pos = np.flatnonzero(b["segment_ids"][r] == j + 1)
             want = np.concatenate([tok.encode(rec["answer"]), [tok.eos_id]])
             m = b["loss_mask"][r, pos].astype(bool)
