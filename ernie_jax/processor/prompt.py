@@ -139,7 +139,8 @@ def encode_prompt(segments: Sequence[Segment], tokens: SpecialTokens, *, merge_s
     videos: list[Vision] = []
     for i, seg in enumerate(segments):
         where = f"segment {i}"
-        if isinstance(seg, Image.Image) or (isinstance(seg, np.ndarray) and seg.dtype == np.uint8 and seg.ndim in (2, 3)):
+        is_pixels = isinstance(seg, np.ndarray) and seg.dtype == np.uint8 and seg.ndim in (2, 3)
+        if isinstance(seg, Image.Image) or is_pixels:
             seg = Vision.from_image(seg)
         if isinstance(seg, Vision):
             n = _num_placeholders(seg, f"{where} ({seg.kind})", merge_size, temporal_merge_size)

@@ -43,31 +43,29 @@ def _grids(batch):
     return batch.get("image_grid_thw"), batch.get("video_grid_thw")
 
 
-def _reference(types, image_grid, video_grid, mask=None, segment_ids=None, rule="hf", sm=2, tmerge=2):
-    """Loop transcription of transformers' get_rope_index, plus the baidu rule and segment restarts."""
+def _reference(types, image_grid, video_grid, mask=None, rule="hf", sm=2, tmerge=2):
+    """Loop transcription of transformers' get_rope_index, plus the baidu rule (max(pos) + 1)."""
     b, s = types.shape
     pos = np.zeros((3, b, s), np.int64)
     deltas = np.zeros((b, 1), np.int64)
-    grids = {1: iter(image_grid if image_grid is not None else []), 2: iter(video_grid if video_grid is not None else [])}
+    grids = {1: iter([] if image_grid is None else image_grid), 2: iter([] if video_grid is None else video_grid)}
     for r in range(b):
         keep = np.ones(s, bool) if mask is None else mask[r].astype(bool)
         ty = types[r][keep]
-        seg = np.zeros_like(ty) if segment_ids is None else segment_ids[r][keep]
         out, cur = [], 0
         i = 0
         while i < len(ty):
             e = i
-            while e < len(ty) and ty[e] == ty[i] and seg[e] == seg[i]:
+            while e < len(ty) and ty[e] == ty[i]:
                 e += 1
-            if i > 0 and seg[i] != seg[i - 1]:
-                cur = 0
             if ty[i] == 0:
                 out += [(cur + n,) * 3 for n in range(e - i)]
                 cur += e - i
             else:
                 t, gh, gw = next(grids[int(ty[i])])
                 tm = t if ty[i] == 1 else t // tmerge
-                block = [(cur + a, cur + h, cur + w) for a in range(tm) for h in range(gh // sm) for w in range(gw // sm)]
+                block = [(cur + a, cur + h, cur + w)
+                         for a in range(tm) for h in range(gh // sm) for w in range(gw // sm)]
                 out += block
                 cur = cur + max(gh, gw) // sm if rule == "hf" else max(map(max, block)) + 1
             i = e
@@ -116,7 +114,8 @@ def test_positions_match_transformers(name):
     assert pos.dtype == np.int32 and pos.shape == (3, *batch["input_ids"].shape) and deltas.shape == (len(pos[0]), 1)
     np.testing.assert_array_equal(pos, hf_pos)
     np.testing.assert_array_equal(deltas, hf_deltas)
-    np.testing.assert_array_equal(pos, _reference(batch["mm_token_type_ids"], *_grids(batch), batch["attention_mask"])[0])
+    ref = _reference(batch["mm_token_type_ids"], *_grids(batch), batch["attention_mask"])
+    np.testing.assert_array_equal(pos, ref[0])
 
 
 @pytest.mark.hf
