@@ -18,6 +18,7 @@ M2 = VCFG.spatial_merge_size ** 2
 P, N_ITEMS = 64, 3  # one padded shape for every case
 
 
+@functools.cache
 def _adapter(seed=0, std=0.1):
     model = Adapter(VCFG, H_TEXT, EPS, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
     r = np.random.RandomState(seed)

@@ -28,6 +28,7 @@ def _randomise(module, seed, std=0.3):
     return nnx.merge(g, nnx.from_flat_state(flat))
 
 
+@functools.cache
 def _encoder(impl="xla", seed=0):
     return _randomise(VisionEncoder(VCFG, param_dtype=jnp.float32, rngs=nnx.Rngs(0), attention_impl=impl), seed)
 
@@ -93,7 +94,7 @@ def test_rotate_half_rope_depends_only_on_relative_position():
 
 
 def test_packed_items_equal_separate_runs_and_padding_is_ignored():
-    model = _encoder()
+    model = _encoder("xla")
     a, b = _pixels(24, seed=1), _pixels(8, seed=2)  # an image 4x6 and a two-frame video 2x2
     ga, gb = np.array([[1, 4, 6]]), np.array([[2, 2, 2]])
     alone_a, alone_b = _call(model, *_pad(a, ga))[:24], _call(model, *_pad(b, gb, seed=4))[:8]
@@ -117,6 +118,7 @@ def _packed_case():
     return jnp.asarray(pixels), jnp.asarray(grid), valid, cot
 
 
+@functools.cache
 def _value_and_grads(impl):
     pixels, grid, valid, cot = _packed_case()
     g, st = nnx.split(_encoder(impl))
@@ -144,13 +146,31 @@ def test_gradients_are_finite_and_reach_every_parameter():
         assert np.isfinite(gx).all() and np.abs(gx).max() > 0
 
 
-@pytest.mark.slow
 def test_flashmask_matches_xla_gradients():
     out_x, grads_x = _value_and_grads("xla")
     out_f, grads_f = _value_and_grads("flashmask")
     np.testing.assert_allclose(out_f, out_x, atol=1e-5)
     for gf, gx in zip(grads_f, grads_x):
         np.testing.assert_allclose(gf, gx, rtol=1e-4, atol=1e-4 * np.abs(gx).max())
+
+
+def test_batched_layout_sharded_over_the_batch_equals_unsharded():
+    """Rows split over data x fsdp, parameters over fsdp / tensor by the ViT's logical names."""
+    from ernie_jax.sharding import RULE_PRESETS, MeshConfig, activate, make_mesh, param_shardings
+
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    rules = {**RULE_PRESETS["fsdp_tensor"], "vit_embed": "fsdp", "vit_heads": "tensor", "vit_mlp": "tensor"}
+    rows = [_pad(np.concatenate([_pixels(24, seed=b), _pixels(8, seed=10 + b)]), np.array([[1, 4, 6], [2, 2, 2]]),
+                 seed=b) for b in range(2)] + [_pad(_pixels(16, seed=b), np.array([[1, 4, 4]]), seed=b) for b in (3, 4)]
+    pixels, grid = jnp.asarray(np.stack([r[0] for r in rows])), jnp.asarray(np.stack([r[1] for r in rows]))
+    model = _encoder("xla")
+    g, st = nnx.split(model)
+    with activate(mesh, rules):
+        out = _run(g, jax.device_put(st, param_shardings(st, mesh, rules)),
+                   jax.device_put(pixels, jax.NamedSharding(mesh, jax.P(("data", "fsdp")))), grid)
+    assert out.sharding.spec[0] == ("data", "fsdp")
+    for b in range(4):  # against each row alone, unsharded (the flat program of the other tests)
+        np.testing.assert_allclose(np.asarray(out[b]), _call(model, pixels[b], grid[b]), atol=1e-5)
 
 
 def test_bad_inputs_raise_naming_the_cause():
