@@ -20,7 +20,8 @@ The rules agree for images and whenever `Tm <= max(Hm, Wm)`. Rows are (t, h, w).
 position of row b + 1 - number of attended tokens` (transformers' value, used for decoding offsets).
 `segment_ids` (ours, packed rows): a change of segment id between consecutive attended tokens ends the
 run and restarts `cur` at 0. Grid rows that are all zero are padding (static Ni / Nv under jit) and are
-skipped: the i-th image run takes the i-th non-zero row.
+skipped: the i-th image run takes the i-th non-zero row. Per-row grids `[B, N, 3]` (the packed data
+pipeline's layout) are read row-major, i.e. as `[B*N, 3]`.
 
 Traceable under `jax.jit` with traced grids (only Ni, Nv, B, S static): runs, ranks and offsets come from
 cumulative sums / maxima and gathers, no Python loop over values. With concrete inputs the runs are also
@@ -66,10 +67,11 @@ def _take(x: jax.Array, idx: jax.Array) -> jax.Array:
 
 
 def _compact_grid(grid: jax.Array | None) -> jax.Array:
-    """[N, 3] -> [max(N, 1), 3] int32 with the non-zero rows first, in order (zero rows are padding)."""
+    """[N, 3] or [B, N, 3] -> [max(N, 1), 3] int32 with the non-zero rows first, in order (zero rows are
+    padding)."""
     if grid is None:
         return jnp.zeros((1, 3), jnp.int32)
-    grid = jnp.asarray(grid).astype(jnp.int32)
+    grid = jnp.asarray(grid).astype(jnp.int32).reshape(-1, 3)
     order = jnp.argsort(~jnp.any(grid != 0, axis=-1), stable=True)
     return grid[order]
 
@@ -170,8 +172,8 @@ def _check_args(types, image_grid, video_grid, attention_mask, segment_ids, spat
         if x is not None and np.shape(x) != np.shape(types):
             raise ValueError(f"{name} shape {np.shape(x)} != mm_token_type_ids shape {np.shape(types)}")
     for name, g in (("image_grid_thw", image_grid), ("video_grid_thw", video_grid)):
-        if g is not None and (np.ndim(g) != 2 or np.shape(g)[1] != 3):
-            raise ValueError(f"{name} must be [N, 3] (T, gh, gw), got shape {np.shape(g)}")
+        if g is not None and (np.ndim(g) not in (2, 3) or np.shape(g)[-1] != 3):
+            raise ValueError(f"{name} must be [N, 3] or [B, N, 3] (T, gh, gw), got shape {np.shape(g)}")
     if _is_concrete(types, image_grid, video_grid, attention_mask, segment_ids):
         _check_runs(np.asarray(types), image_grid, video_grid, attention_mask, segment_ids, spatial_merge_size,
                     temporal_merge_size)
@@ -182,7 +184,7 @@ def _check_runs(types: np.ndarray, image_grid, video_grid, attention_mask, segme
     """Concrete inputs only: every vision run has a grid and exactly that grid's number of tokens."""
     grids = {}
     for kind, name, g in ((1, "image_grid_thw", image_grid), (2, "video_grid_thw", video_grid)):
-        g = np.zeros((0, 3), np.int64) if g is None else np.asarray(g)
+        g = np.zeros((0, 3), np.int64) if g is None else np.asarray(g).reshape(-1, 3)
         grids[kind] = (name, g[np.any(g != 0, axis=-1)])
         if (g < 0).any():
             raise ValueError(f"{name} has negative entries: {g.tolist()}")

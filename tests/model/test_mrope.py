@@ -157,6 +157,11 @@ def test_jit_with_traced_grids_and_padding_rows():
     want, want_deltas = _ours(batch)
     np.testing.assert_array_equal(np.asarray(pos), want)
     np.testing.assert_array_equal(np.asarray(deltas), want_deltas)
+    # per-row grids [B, N, 3] (the packed pipeline's layout) read row-major
+    per_row = np.zeros((2, 3, 3), np.int64)
+    per_row[0, 1], per_row[1, 0] = image_grid[1], image_grid[3]
+    np.testing.assert_array_equal(np.asarray(f(batch["mm_token_type_ids"], per_row, video_grid,
+                                               batch["attention_mask"])[0]), want)
     # new grid values, same shapes: no retrace, right answer
     other = _batch([[_text(3), _image(2, 8), _text(2, 1), _video(2, 2, 4), _text(1, 2)],
                     [_video(2, 4, 4), _text(7, 3), _image(2, 2)]])
