@@ -21,6 +21,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 HIDDEN_ACTS = ("silu", "gelu", "gelu_pytorch_tanh", "relu", "quick_gelu")
 ATTENTION_IMPLS = ("xla", "jax_nn", "flashmask")
 MOE_DISPATCH = ("dropless", "capacity", "dense")
+MROPE_RULES = ("hf", "baidu")  # position advance after an image / video, see ernie_jax.model.mrope
 GMM_IMPLS = ("auto", "ragged_dot", "tiled", "bucketed", "pallas")
 # Names accepted by `remat_policy`; see `ernie_jax.model.remat` for what each one saves.
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_qkv", "save_attn", "save_attn_mlp")
@@ -126,6 +127,7 @@ class ErnieConfig:
     moe_capacity_factor: float = 1.25  # capacity dispatch only
     moe_gmm_impl: str = "auto"  # grouped matmul of the dropless path, see ernie_jax.model.gmm
     moe_gmm_tile: int = 0  # rows per tile of the `tiled` grouped matmul and `bucketed`'s fallback (0 = from shapes)
+    mrope_rule: str = "hf"  # VL 3D positions: "hf" (transformers) or "baidu" (Baidu's processor)
 
     def __post_init__(self):
         if self.moe_layer_end_index == self.num_hidden_layers - 1:  # canonical "to the last layer" is -1
@@ -160,6 +162,7 @@ class ErnieConfig:
         _check(self.moe_gmm_impl in GMM_IMPLS, "moe_gmm_impl", f"{self.moe_gmm_impl!r} not in {GMM_IMPLS}")
         _check(self.moe_capacity_factor > 0, "moe_capacity_factor", f"must be > 0, got {self.moe_capacity_factor}")
         _check(self.moe_gmm_tile >= 0, "moe_gmm_tile", f"must be >= 0, got {self.moe_gmm_tile}")
+        _check(self.mrope_rule in MROPE_RULES, "mrope_rule", f"{self.mrope_rule!r} not in {MROPE_RULES}")
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
             v = getattr(self, name)
             _check(v is None or 0 <= v < self.vocab_size, name, f"{v} is outside [0, vocab_size={self.vocab_size})")
@@ -186,8 +189,10 @@ class ErnieConfig:
         else:
             _check(self.vision is None, "moe_num_experts", "the VL model is a MoE: set moe_num_experts > 0")
         if self.vision is not None:
-            _check(len(self.mrope_section) == 3 and sum(self.mrope_section) == self.head_dim // 2, "mrope_section",
-                   f"must be 3 ints summing to head_dim/2={self.head_dim // 2}, got {self.mrope_section}")
+            _check(len(self.mrope_section) == 3 and sum(self.mrope_section) == self.head_dim // 2
+                   and self.mrope_section[0] == self.mrope_section[1], "mrope_section",
+                   f"must be 3 ints (h, w, t) with h == w (height and width pairs interleave) summing to "
+                   f"head_dim/2={self.head_dim // 2}, got {self.mrope_section}")
 
     # ----------------------------------------------------------------------------------------------
     @property
@@ -267,7 +272,7 @@ _MOE_ALIASES = {"num_experts": "moe_num_experts", "num_experts_per_tok": "moe_k"
 _VL_TOKENS = ("image_token_id", "image_start_token_id", "image_end_token_id", "video_token_id",
               "video_start_token_id", "video_end_token_id")
 _NUMERICS = ("dtype", "param_dtype", "attention_impl", "remat_policy", "moe_dispatch", "moe_capacity_factor",
-             "moe_gmm_impl", "moe_gmm_tile")
+             "moe_gmm_impl", "moe_gmm_tile", "mrope_rule")
 
 
 def _rope_theta(d: Mapping[str, Any], src: str) -> float:

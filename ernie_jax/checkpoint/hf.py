@@ -52,10 +52,13 @@ class Rule:
     layers: tuple[int, ...] | None = None  # HF layer indices stacked on our leading axis
     experts: int | None = None  # "{e}" in `hf`: experts stacked on the next axis
     keep_fp32: bool = False  # routers stay fp32 whatever the model's dtype (transformers does the same)
+    expert_offset: int = 0  # "{e}" counts from here (VL: vision experts follow the text experts on disk)
+    row: tuple[int, int] | None = None  # (r, n): this tensor is row r of an HF tensor stacking n (VL biases)
 
     def keys(self) -> list[str]:
         """The HF keys, in the order the tensors stack (layer-major, then expert)."""
-        return [self.hf.format(i=i, e=e) for i in (self.layers if self.layers is not None else (None,))
+        return [self.hf.format(i=i, e=None if e is None else e + self.expert_offset)
+                for i in (self.layers if self.layers is not None else (None,))
                 for e in (range(self.experts) if self.experts is not None else (None,))]
 
     def per_key_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -123,11 +126,27 @@ def _moe_layer_rules(c: ErnieConfig):
     return per_layer
 
 
+def _vl_moe_layer_rules(c: ErnieConfig):
+    """VL MoE layer, on-disk hub layout (ERNIE-4.5-VL `-PT`, which transformers 5 writes too): routers
+    `gate.weight` (text) / `gate.weight_1` (vision) stored [H, E] (our layout), one correction bias [2, E]
+    (row 0 text, row 1 vision), experts 0..E-1 text and E..2E-1 vision (narrower)."""
+    e = c.moe_num_experts
+    per_layer = []
+    for pool, gate, row, offset in (("", "gate.weight", 0, 0), ("vision_", "gate.weight_1", 1, e)):
+        per_layer += [(f"mlp.{gate}", ("mlp", f"{pool}router", "kernel"), _ident, _ident, None, True, 0, None),
+                      ("mlp.moe_statics.e_score_correction_bias", ("mlp", f"{pool}router", "bias"), _ident, _ident,
+                       None, True, 0, (row, 2))]
+        per_layer += [(f"mlp.experts.{{e}}.{n}.weight", ("mlp", f"{pool}experts", ours), _t, _t, e, False, offset, None)
+                      for n, ours in (("gate_proj", "wi_gate"), ("up_proj", "wi_up"), ("down_proj", "wo"))]
+    if c.moe_num_shared_experts:
+        per_layer += [(*r, None, False, 0, None) for r in _mlp_rules("mlp.shared_experts", ("mlp", "shared"),
+                                                                      c.use_bias)]
+    return per_layer
+
+
 def param_rules(config: ErnieConfig) -> list[Rule]:
     """Every parameter of the model for `config`, with its transformers key(s)."""
     c = config
-    if c.vision is not None:
-        raise NotImplementedError("VL checkpoints are mapped by the multimodal issue (#8)")
     rules = [Rule("model.embed_tokens.weight", ("embed",), _ident, _ident),
              Rule("model.norm.weight", ("final_norm", "scale"), _ident, _ident)]
     if not c.tie_word_embeddings:
@@ -136,16 +155,21 @@ def param_rules(config: ErnieConfig) -> list[Rule]:
         rules.append(Rule("lm_head.bias", ("lm_head_bias",), _ident, _ident))
     start = 0
     for s, (kind, n) in enumerate(layer_segments(c)):
-        per_layer = [(*r, None, False) for r in _dense_layer_rules(c)]
+        per_layer = [(*r, None, False, 0, None) for r in _dense_layer_rules(c)]
         if kind == "dense":
-            per_layer += [(*r, None, False) for r in _mlp_rules("mlp", ("mlp",), c.use_bias)]
+            per_layer += [(*r, None, False, 0, None) for r in _mlp_rules("mlp", ("mlp",), c.use_bias)]
+        elif c.vision is not None:
+            per_layer += _vl_moe_layer_rules(c)
         else:
-            per_layer += _moe_layer_rules(c)
+            per_layer += [(*r, 0, None) for r in _moe_layer_rules(c)]
         layers = tuple(range(start, start + n))
-        for hf, ours, to_ours, to_hf, experts, fp32 in per_layer:
+        for hf, ours, to_ours, to_hf, experts, fp32, offset, row in per_layer:
             rules.append(Rule(f"model.layers.{{i}}.{hf}", ("decoder", "stacks", s, "layers") + ours, to_ours,
-                              to_hf, layers, experts, fp32))
+                              to_hf, layers, experts, fp32, offset, row))
         start += n
+    if c.vision is not None:
+        from ernie_jax.checkpoint.hf_vision import adapter_rules, vision_rules  # (they import this module)
+        rules += vision_rules(c.vision, ("vision",)) + adapter_rules(("adapter",))
     for d in range(c.num_nextn_predict_layers):
         rules += [Rule(f"model.mtp_emb_norm.{d}.weight", ("mtp", d, "emb_norm", "scale"), _ident, _ident),
                   Rule(f"model.mtp_hidden_norm.{d}.weight", ("mtp", d, "hidden_norm", "scale"), _ident, _ident),
@@ -184,6 +208,8 @@ def _expected_shapes(rules: list[Rule], flat: dict) -> dict[str, tuple[int, ...]
     for r in rules:
         v = flat[r.ours].get_value()
         shape = jax.eval_shape(r.to_hf, jax.ShapeDtypeStruct(r.per_key_shape(v.shape), v.dtype)).shape
+        if r.row is not None:
+            shape = (r.row[1],) + tuple(shape)
         out.update({k: tuple(shape) for k in r.keys()})
     return out
 
@@ -239,7 +265,8 @@ def from_pretrained(path: str | os.PathLike, *, dtype: str = "float32", param_dt
     new = {}
     for r in prules:
         target = flat[r.ours].get_value()  # shape and dtype (routers fp32, the rest param_dtype)
-        arr = np.stack([r.to_ours(files[k].get(k)) for k in r.keys()]).reshape(target.shape)
+        pick = (lambda a: a) if r.row is None else (lambda a: a[r.row[0]])  # noqa: E731
+        arr = np.stack([r.to_ours(pick(files[k].get(k))) for k in r.keys()]).reshape(target.shape)
         arr = np.ascontiguousarray(arr.astype(np.dtype(target.dtype)))
         value = jax.device_put(arr, shardings[r.ours].get_value()) if shardings else jnp.asarray(arr)
         new[r.ours] = flat[r.ours].replace(value)
@@ -262,7 +289,11 @@ def save_pretrained(model: nnx.Module, out_dir: str | os.PathLike, *, dtype: str
             arr = arr.astype(jnp.dtype(dtype))
         keys = r.keys()
         for k, a in zip(keys, arr.reshape((len(keys),) + r.per_key_shape(arr.shape))):
-            tensors[k] = np.ascontiguousarray(r.to_hf(a))
+            if r.row is None:
+                tensors[k] = np.ascontiguousarray(r.to_hf(a))
+            else:  # rows of one HF tensor come from several of our tensors
+                a = r.to_hf(a)
+                tensors.setdefault(k, np.zeros((r.row[1],) + a.shape, a.dtype))[r.row[0]] = a
     saved_dtype = str(jnp.dtype(dtype or config.param_dtype))
     hf_config = {**config.to_hf(), "architectures": [_ARCHITECTURES[config.model_type]], "dtype": saved_dtype}
 

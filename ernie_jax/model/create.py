@@ -22,7 +22,8 @@ from ernie_jax.sharding.rules import Rules
 
 def model_class(config: ErnieConfig) -> type[nnx.Module]:
     if config.vision is not None:
-        raise NotImplementedError("the VL model is built by the multimodal issue (#8)")
+        from ernie_jax.model.vl import ErnieVLForConditionalGeneration  # the ViT and adapter only for VL
+        return ErnieVLForConditionalGeneration
     return ErnieForCausalLM
 
 
