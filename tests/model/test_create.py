@@ -11,7 +11,8 @@ from ernie_jax import count_params, create_model, get_preset
 COUNTS = json.load(open(os.path.join(os.path.dirname(__file__), "..", "data", "hf_configs", "param_counts.json")))
 
 
-@pytest.mark.parametrize("name", ["ernie-4.5-0.3b", "ernie-4.5-21b-a3b", "ernie-4.5-300b-a47b"])
+@pytest.mark.parametrize("name", ["ernie-4.5-0.3b", "ernie-4.5-21b-a3b", "ernie-4.5-300b-a47b",
+                                  "ernie-4.5-vl-28b-a3b", "ernie-4.5-vl-424b-a47b"])
 def test_released_param_count_exact(name):
     """Counted abstractly with jax.eval_shape (no memory); transformers has no MTP block, so leave it out."""
     assert count_params(get_preset(name, num_nextn_predict_layers=0)) == COUNTS[name]
