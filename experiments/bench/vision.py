@@ -169,7 +169,7 @@ def merge_table() -> str:
     factor = c.patch_size * c.spatial_merge_size
     cases = [("image", 224, 224, 1), ("image", 480, 640, 1), ("image", 768, 1024, 1), ("image", 1080, 1920, 1),
              ("image", 3024, 4032, 1), ("video", 360, 640, 16), ("video", 720, 1280, 64), ("video", 1080, 1920, 180)]
-    lines = ["| input | frames | resized h×w | grid t×gh×gw | ViT patches | after 2×2 merge | LM tokens | "
+    lines = ["| input w×h | frames | resized w×h | grid t×gh×gw | ViT patches | after 2×2 merge | LM tokens | "
              "patches per LM token |", "|---|---:|---|---|---:|---:|---:|---:|"]
     for kind, h, w, t in cases:
         kw = dict(min_pixels=VIDEO_MIN_PIXELS, max_pixels=VIDEO_MAX_PIXELS) if kind == "video" else {}
@@ -179,7 +179,7 @@ def merge_table() -> str:
         patches = t_even * gh * gw
         spatial = patches // m2
         lm = spatial if kind == "image" else spatial // tm  # an image is its frame twice: no temporal saving
-        lines.append(f"| {kind} {w}×{h} | {t_even} | {rh}×{rw} | {t_even}×{gh}×{gw} | {patches:,} | {spatial:,} | "
+        lines.append(f"| {kind} {w}×{h} | {t_even} | {rw}×{rh} | {t_even}×{gh}×{gw} | {patches:,} | {spatial:,} | "
                      f"{lm:,} | {patches / lm:.0f} |")
     return "\n".join(lines)
 
