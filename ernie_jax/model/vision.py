@@ -195,6 +195,9 @@ class VisionEncoder(nnx.Module):
 
     def __init__(self, vcfg: VisionConfig, *, param_dtype, rngs: nnx.Rngs, attention_impl: str = "xla",
                  remat_policy: str = "none", std: float = 0.02):
+        if vcfg.head_dim % 4:  # a quarter of each head per axis, rotate-half over both halves
+            raise ValueError(f"VisionConfig: head_dim = hidden_size / num_heads = {vcfg.head_dim} must be a "
+                             f"multiple of 4 for the 2D RoPE")
         pd = jnp.dtype(param_dtype)
         self.vcfg, self.remat_policy = vcfg, remat_policy
         self.patch_embed = normal_param(rngs, (vcfg.in_channels * vcfg.patch_size ** 2, vcfg.hidden_size),

@@ -183,6 +183,8 @@ def test_bad_inputs_raise_naming_the_cause():
         model(jnp.zeros((16, D_IN)), np.array([[1, 4, 6]]))
     with pytest.raises(ValueError, match=r"grid_thw must be \[B, n >= 1, 3\]"):
         model(jnp.zeros((16, D_IN)), np.zeros((0, 3), int))
+    with pytest.raises(ValueError, match="head_dim = hidden_size / num_heads = 6 must be a multiple of 4"):
+        VisionEncoder(VisionConfig(depth=1, hidden_size=12, num_heads=2), param_dtype=jnp.float32, rngs=nnx.Rngs(0))
 
 
 # ------------------------------------------------------------------------------------- transformers
