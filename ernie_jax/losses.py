@@ -43,15 +43,17 @@ def token_balanced_loss(ce: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.
 
 
 def moe_aux_loss(stats: MoEStats) -> jax.Array:
-    """Load-balancing loss as transformers computes it; ~k when routing is balanced."""
-    n = jnp.maximum(jnp.sum(stats.num_tokens), 1.0)
+    """Load-balancing loss as transformers computes it; ~k when routing is balanced. Stats [L, E] (one
+    router per layer), or [L, M, E] for VL (text / vision pools): one loss per pool, summed (Paddle's
+    per-modality aux loss; transformers' VL code mixes both pools' logits in one)."""
+    n = jnp.maximum(jnp.sum(stats.num_tokens, axis=0), 1.0)[..., None]
     f = jnp.sum(stats.topk_count, axis=0) / n
     p = jnp.sum(stats.prob_sum, axis=0) / n
     return stats.topk_count.shape[-1] * jnp.sum(f * p)
 
 
 def router_z_loss(stats: MoEStats) -> jax.Array:
-    """Sum over MoE layers of mean_t logsumexp(router logits)^2."""
+    """Sum over MoE layers (and VL pools) of mean_t logsumexp(router logits)^2."""
     return jnp.sum(stats.z_sum / jnp.maximum(stats.num_tokens, 1.0))
 
 

@@ -25,7 +25,8 @@ from ernie_jax.sharding.mesh import MESH_AXES, MeshConfig
 AxisRule = str | tuple[str, ...] | None
 Rules = Mapping[str, AxisRule]
 
-PARAM_AXES = ("vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "norm", "layers", "expert", "moe_mlp")
+PARAM_AXES = ("vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "norm", "layers", "expert", "moe_mlp",
+              "vit_embed", "vit_heads", "vit_mlp")  # (the last three: the VL model's ViT and adapter)
 ACTIVATION_AXES = ("act_batch", "act_length", "act_embed", "act_heads", "act_kv_heads", "act_head_dim",
                    "act_mlp", "act_vocab", "act_expert")
 
@@ -35,9 +36,10 @@ _BASE: dict[str, AxisRule] = {
     **{a: None for a in PARAM_AXES + ACTIVATION_AXES},
     "layers": "pipeline", "expert": "expert", "act_expert": "expert", "act_batch": ("data", "fsdp", "expert"),
 }
-_FSDP: dict[str, AxisRule] = {"embed": "fsdp"}  # ZeRO-3: weights split along the hidden dim
+_FSDP: dict[str, AxisRule] = {"embed": "fsdp", "vit_embed": "fsdp"}  # ZeRO-3: weights split along the hidden dim
 _TENSOR: dict[str, AxisRule] = {  # Megatron: heads and FFN width split, activations follow
     "vocab": "tensor", "heads": "tensor", "kv_heads": "tensor", "mlp": "tensor", "moe_mlp": "tensor",
+    "vit_heads": "tensor", "vit_mlp": "tensor",
     "act_heads": "tensor", "act_kv_heads": "tensor", "act_mlp": "tensor", "act_vocab": "tensor",
 }
 RULE_PRESETS: dict[str, dict[str, AxisRule]] = {

@@ -31,7 +31,8 @@ from ernie_jax.model import count_params, create_model
 from ernie_jax.sharding import MeshConfig, activate, logical_to_spec, make_mesh, resolve_rules, sharding_table
 from ernie_jax.train.flops import device_peak_tflops, flops_per_token, measure_peak_tflops
 from ernie_jax.train.optimizer import OptimizerConfig, make_optimizer
-from ernie_jax.train.step import LossConfig, TrainState, init_train_state, make_train_step, merge_model
+from ernie_jax.train.step import (BATCH_KEYS, VL_KEYS, LossConfig, TrainState, init_train_state, make_train_step,
+                                  merge_model)
 
 log = logging.getLogger(__name__)
 
@@ -215,17 +216,18 @@ def _model(model: nnx.Module, state: TrainState, ema: bool = False) -> nnx.Modul
 
 
 def _to_global(local: dict[str, np.ndarray], mesh, rules, micro_batches: int) -> dict[str, jax.Array]:
-    """Per-process [B_local, S] numpy -> global [A, B / A, S] arrays sharded over the batch axes."""
+    """Per-process [B_local, S, ...] numpy -> global [A, B / A, S, ...] arrays sharded over the batch axes
+    (and the length axis for [B, S] arrays; VL pixel values [B, P, D] and grids [B, N, 3] by rows only)."""
     out = {}
-    for k in ("tokens", "targets", "loss_mask", "segment_ids", "positions"):
+    for k in BATCH_KEYS + VL_KEYS:
         if k not in local:
             continue
         a = np.asarray(local[k])
-        b, s = a.shape
+        b, *rest = a.shape
         if b % micro_batches:
             raise ValueError(f"per-process batch {b} is not divisible by micro_batches={micro_batches}")
-        a = a.reshape(micro_batches, b // micro_batches, s)
-        spec = P(None, *logical_to_spec(("act_batch", "act_length"), (a.shape[1] * jax.process_count(), s),
-                                        dict(mesh.shape), rules))
+        a = a.reshape(micro_batches, b // micro_batches, *rest)
+        names = ("act_batch", "act_length") if len(rest) == 1 else ("act_batch",) + (None,) * len(rest)
+        spec = P(None, *logical_to_spec(names, (a.shape[1] * jax.process_count(), *rest), dict(mesh.shape), rules))
         out[k] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), a)
     return out

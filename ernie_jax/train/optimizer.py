@@ -28,6 +28,10 @@ class OptimizerConfig:
     weight_decay: float = 0.1
     clip_norm: float = 1.0
     router_lr_multiplier: float = 1.0
+    # Regexes over parameter paths ("decoder/stacks/1/layers/mlp/vision_experts/wo"): when set, only matching
+    # parameters train, the rest get zero updates and no optimizer state (staged VL recipe: the vision stage
+    # trains ViT, adapter and vision experts with the LM frozen). Empty: everything trains.
+    trainable: tuple[str, ...] = ()
 
 
 def _path_str(path) -> str:
@@ -35,7 +39,23 @@ def _path_str(path) -> str:
 
 
 # norm scales and biases are not decayed (as Baidu's apply_decay_param_fun excludes bias and norm)
-_NO_DECAY = {"scale", "bq", "bk", "bv", "bo", "bi_gate", "bi_up", "lm_head_bias"}
+_NO_DECAY = {"scale", "bias", "bq", "bk", "bv", "bo", "bi_gate", "bi_up", "lm_head_bias",
+             "bqkv", "b1", "b2", "proj_bias"}  # (the last four: ViT / adapter biases)
+
+
+def _is_router(path: str) -> bool:
+    return any(part.endswith("router") for part in path.split("/"))
+
+
+def trainable_mask(patterns: tuple[str, ...], params) -> object:
+    """A tree of bools like params: True where the path matches one of the regexes (all True without any)."""
+    import re  # noqa: PLC0415
+    compiled = [re.compile(p) for p in patterns]
+    for p, c in zip(patterns, compiled):
+        if not any(c.search(_path_str(k)) for k, _ in jax.tree_util.tree_flatten_with_path(params)[0]):
+            raise ValueError(f"OptimizerConfig.trainable: pattern {p!r} matches no parameter")
+    return jax.tree_util.tree_map_with_path(
+        lambda k, _: not compiled or any(c.search(_path_str(k)) for c in compiled), params)
 
 
 def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -50,7 +70,7 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> tuple[optax.Gradie
 
     def router_scale(params):
         return jax.tree_util.tree_map_with_path(
-            lambda p, _: cfg.router_lr_multiplier if "/router/" in f"/{_path_str(p)}/" else 1.0, params)
+            lambda p, _: cfg.router_lr_multiplier if _is_router(_path_str(p)) else 1.0, params)
 
     def scale_router_updates() -> optax.GradientTransformation:
         def update(updates, state, params=None):
@@ -62,4 +82,8 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> tuple[optax.Gradie
         optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask),
         scale_router_updates(),
     )
+    if cfg.trainable:
+        labels = lambda params: jax.tree.map(lambda t: "train" if t else "frozen",  # noqa: E731
+                                             trainable_mask(cfg.trainable, params))
+        tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
     return tx, schedule

@@ -24,6 +24,9 @@ from ernie_jax.model.mtp import mtp_inputs, mtp_targets
 from ernie_jax.train.ema import decay_from_window, ema_update
 
 BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
+# VL batches (`ernie_jax.data.make_multimodal_pipeline`) add these; the VL model computes its 3D positions
+# from them (and the segment ids) instead of reading `positions`.
+VL_KEYS = ("mm_token_type_ids", "moe_mm_token_type_ids", "pixel_values", "image_grid_thw")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -110,10 +113,13 @@ def merge_model(graphdef, abstract_params, abstract_buffers, params, buffers) ->
     return nnx.merge(graphdef, p, b)
 
 
+_ROUTERS = ("router", "vision_router")  # VL MoE layers have one per modality
+
+
 def _router_kernels(params) -> list[jax.Array]:
     stacks = params["decoder"]["stacks"]
-    return [stacks[i]["layers"]["mlp"]["router"]["kernel"] for i in sorted(stacks)
-            if "router" in stacks[i]["layers"]["mlp"]]
+    return [stacks[i]["layers"]["mlp"][r]["kernel"] for i in sorted(stacks) for r in _ROUTERS
+            if r in stacks[i]["layers"]["mlp"]]
 
 
 def make_train_step(model: nnx.Module, tx: optax.GradientTransformation, schedule: optax.Schedule,
@@ -127,9 +133,12 @@ def make_train_step(model: nnx.Module, tx: optax.GradientTransformation, schedul
     def loss_fn(params, buffers, mb):
         model_ = merge_model(graphdef, abs_params, abs_buffers, params, buffers)
         seg = mb.get("segment_ids")
-        out = model_(mb["tokens"], positions=mb.get("positions"), segment_ids=seg,
-                     attention_mask=None if seg is None else seg != 0,
-                     mtp_input_ids=mtp_inputs(mb["tokens"], depth) if depth else None)
+        if config.vision is not None:
+            extra = {k: mb[k] for k in VL_KEYS if k in mb}
+        else:
+            extra = {"positions": mb.get("positions")}
+        out = model_(mb["tokens"], segment_ids=seg, attention_mask=None if seg is None else seg != 0,
+                     mtp_input_ids=mtp_inputs(mb["tokens"], depth) if depth else None, **extra)
         ce = token_cross_entropy(out.logits, mb["targets"])
         m = mb["loss_mask"].astype(jnp.float32)
         loss, _ = token_balanced_loss(ce, m)
@@ -149,7 +158,7 @@ def make_train_step(model: nnx.Module, tx: optax.GradientTransformation, schedul
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        batch = {k: v for k, v in batch.items() if k in BATCH_KEYS}
+        batch = {k: v for k, v in batch.items() if k in BATCH_KEYS + VL_KEYS}
         n_micro = batch["tokens"].shape[0]
 
         def micro(carry, mb):
@@ -198,16 +207,20 @@ def make_train_step(model: nnx.Module, tx: optax.GradientTransformation, schedul
 
 
 def _aux_free(buffers, usage: jax.Array, coef: float):
-    """Applies the correction-bias update to every MoE stack, usage [L_moe, E] in depth order."""
+    """Applies the correction-bias update to every MoE stack, usage [L_moe, E] in depth order ([L_moe, 2, E]
+    for VL: text, vision pool)."""
     stacks = buffers["decoder"]["stacks"]
     new, start = {}, 0
     for i in sorted(stacks):
         layer = stacks[i]["layers"]
-        if "router" in layer.get("mlp", {}):
-            bias = layer["mlp"]["router"]["bias"]
-            n = bias.shape[0]
-            layer = {**layer, "mlp": {**layer["mlp"], "router": {**layer["mlp"]["router"],
-                                                              "bias": bias_update(bias, usage[start:start + n], coef)}}}
+        mlp = layer.get("mlp", {})
+        if "router" in mlp:
+            n = mlp["router"]["bias"].shape[0]
+            u = usage[start:start + n]
+            for pool, r in enumerate(x for x in _ROUTERS if x in mlp):
+                pool_usage = u[:, pool] if u.ndim == 3 else u
+                mlp = {**mlp, r: {**mlp[r], "bias": bias_update(mlp[r]["bias"], pool_usage, coef)}}
+            layer = {**layer, "mlp": mlp}
             start += n
         new[i] = {**stacks[i], "layers": layer}
     return {**buffers, "decoder": {**buffers["decoder"], "stacks": new}}
