@@ -86,3 +86,49 @@ def greedy_generate_ragged(model: nnx.Module, prompts: list[list[int]], max_new_
             row = row[:row.index(eos_id)]
         out.append(row)
     return out
+
+
+def greedy_generate_multimodal(model: nnx.Module, prompts: list, max_new_tokens: int, *, pad_id: int = 0,
+                               eos_id: int | None = None) -> list[list[int]]:
+    """Greedy continuations of VL prompts (`ernie_jax.processor.prompt.EncodedPrompt`s: token ids, type ids,
+    images, videos) in one compiled step. Prompts are left-padded to a common length; the 3D positions come
+    from `rope_index` over the attended tokens (transformers' rule for padded batches), generated tokens are
+    text. Every step recomputes the whole buffer, images included (no KV cache yet). Returns the new tokens
+    of each prompt, cut after `eos_id` when given."""
+    if not prompts:
+        raise ValueError("need at least one prompt")
+    n, p = len(prompts), max(len(x.input_ids) for x in prompts)
+    total = p + max_new_tokens
+    cols = {k: np.zeros((n, total), np.int32) for k in ("mm_token_type_ids", "moe_mm_token_type_ids")}
+    tokens = np.full((n, total), pad_id, np.int32)
+    valid = np.zeros((n, total), bool)
+    for i, x in enumerate(prompts):
+        s = p - len(x.input_ids)
+        tokens[i, s:p] = x.input_ids
+        valid[i, s:] = True  # generated positions are valid too
+        for k in cols:
+            cols[k][i, s:p] = getattr(x, k)
+    inputs = {**{k: jnp.asarray(v) for k, v in cols.items()}, "attention_mask": jnp.asarray(valid)}
+    for kind, pix, grid in (("images", "pixel_values", "image_grid_thw"),
+                            ("videos", "pixel_values_videos", "video_grid_thw")):
+        items = [v for x in prompts for v in getattr(x, kind)]
+        if items:
+            inputs[pix] = jnp.asarray(np.concatenate([v.patches for v in items]), jnp.float32)
+            inputs[grid] = jnp.asarray(np.stack([v.grid_thw for v in items]), jnp.int32)
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def step(state, tokens, t, inputs):
+        logits = nnx.merge(graphdef, state)(tokens, **inputs).logits
+        nxt = jnp.argmax(jax.lax.dynamic_index_in_dim(logits, t - 1, axis=1, keepdims=False), axis=-1)
+        return jax.lax.dynamic_update_index_in_dim(tokens, nxt.astype(tokens.dtype), t, axis=1)
+
+    buf = jnp.asarray(tokens)
+    for t in range(p, total):
+        buf = step(state, buf, jnp.int32(t), inputs)
+    out = []
+    for row in np.asarray(buf)[:, p:].tolist():
+        if eos_id is not None and eos_id in row:
+            row = row[:row.index(eos_id)]
+        out.append(row)
+    return out

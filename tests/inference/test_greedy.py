@@ -37,3 +37,23 @@ def test_ragged_prompts_match_one_at_a_time():
         assert g == alone.tolist()
     cut = greedy_generate_ragged(model, prompts[:1], 4, eos_id=got[0][1])
     assert cut[0] == got[0][:got[0].index(got[0][1])]
+
+
+def test_multimodal_batch_matches_one_at_a_time():
+    """Left-padded VL prompts with images of different sizes continue exactly as each prompt alone, and each
+    new token is the argmax of a forward over the tokens before it."""
+    from ernie_jax.inference.greedy import greedy_generate_multimodal
+    from ernie_jax.processor.prompt import SpecialTokens, Vision, collate, encode_prompt
+    cfg = get_preset("tiny-vl-test")
+    model = create_model(cfg, seed=4)
+    rs = np.random.RandomState(0)
+    tok = SpecialTokens.from_config(cfg)
+    prompts = [encode_prompt([[5, 6], Vision.from_image(rs.randint(0, 256, (56, 84, 3), np.uint8)), [7]], tok),
+               encode_prompt([[9], Vision.from_image(rs.randint(0, 256, (84, 56, 3), np.uint8)), [10, 11, 12],
+                              Vision.from_image(rs.randint(0, 256, (56, 56, 3), np.uint8))], tok)]
+    batch = greedy_generate_multimodal(model, prompts, 3)
+    alone = [greedy_generate_multimodal(model, [p], 3)[0] for p in prompts]
+    assert batch == alone and all(len(x) == 3 for x in batch)
+    inp = {k: jnp.asarray(v) for k, v in collate([prompts[0]]).items()}
+    logits = model(**inp).logits
+    assert int(np.asarray(logits)[0, -1].argmax()) == batch[0][0]
