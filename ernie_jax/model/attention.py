@@ -18,6 +18,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from ernie_jax.config import ErnieConfig
+from ernie_jax.model.dense import dense
 from ernie_jax.model.params import const_param, normal_param
 from ernie_jax.model.rope import apply_interleaved_rope
 from ernie_jax.sharding import current_rules, logical_to_spec, resolve_rules, shard
@@ -50,24 +51,35 @@ class AttentionMask:
             m = m & self.kv_valid.astype(bool)[:, None, None, :]
         return m
 
+    def every_query_sees_a_key(self, sq: int, sk: int) -> bool:
+        """True when no query row can be fully masked, known from the static structure alone (plain
+        causal, queries the last Sq of Sk >= Sq positions: query i sees at least key i + Sk - Sq)."""
+        return self.causal and self.q_segment_ids is None and self.kv_valid is None and sk >= sq
+
 
 def _xla_attention(q, k, v, mask: AttentionMask, scale: float) -> jax.Array:
     """Plain-JAX attention, the oracle of every fast path: fp32 scores and softmax, GQA by grouping.
 
     q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D] -> [B, Sq, Hq, D]. Query head h uses kv head h // (Hq/Hkv), as
-    transformers' repeat_kv does.
+    transformers' repeat_kv does. Heads go first and the G query heads of a kv head are stacked along the
+    rows ([B, Hkv, G*Sq, D]): both products are then plain batched matmuls (batch dims leading, one
+    contraction), which XLA:CPU runs without the transposes a [B, Sq, Hkv, G, D] layout costs.
     """
     b, sq, hq, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]
     g = hq // hkv
-    qg = q.reshape(b, sq, hkv, g, d)
-    scores = jnp.einsum("BQKGD,BSKD->BKGQS", qg, k, preferred_element_type=jnp.float32) * scale
+    qh = q.reshape(b, sq, hkv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, hkv, g * sq, d)
+    kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, Hkv, Sk, D]
+    scores = jnp.einsum("BKMD,BKSD->BKMS", qh, kh, preferred_element_type=jnp.float32) * scale
+    scores = scores.reshape(b, hkv, g, sq, sk)
     allowed = mask.dense(sq, sk)[:, :, None]  # [B, 1, 1, Sq, Sk]
     scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
-    probs = jnp.where(allowed, probs, 0.0)  # rows with no visible key: zeros, not a uniform average
-    out = jnp.einsum("BKGQS,BSKD->BQKGD", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return out.reshape(b, sq, hq, d).astype(q.dtype)
+    if not mask.every_query_sees_a_key(sq, sk):
+        probs = jnp.where(allowed, probs, 0.0)  # rows with no visible key: zeros, not a uniform average
+    probs = probs.reshape(b, hkv, g * sq, sk).astype(v.dtype)
+    out = jnp.einsum("BKMS,BKSD->BKMD", probs, vh, preferred_element_type=jnp.float32)
+    return out.reshape(b, hkv, g, sq, d).transpose(0, 3, 1, 2, 4).reshape(b, sq, hq, d).astype(q.dtype)
 
 
 def _jax_nn_attention(q, k, v, mask: AttentionMask, scale: float) -> jax.Array:
@@ -204,9 +216,9 @@ class Attention(nnx.Module):
         """x [B, S, H], angles [B, S, D/2] -> [B, S, H]."""
         c = self.config
         dt = x.dtype
-        q = jnp.einsum("BSH,HND->BSND", x, self.wq[...].astype(dt))
-        k = jnp.einsum("BSH,HND->BSND", x, self.wk[...].astype(dt))
-        v = jnp.einsum("BSH,HND->BSND", x, self.wv[...].astype(dt))
+        q = dense(x, self.wq[...].astype(dt))
+        k = dense(x, self.wk[...].astype(dt))
+        v = dense(x, self.wv[...].astype(dt))
         if c.use_bias:
             q, k, v = q + self.bq[...].astype(dt), k + self.bk[...].astype(dt), v + self.bv[...].astype(dt)
         q = checkpoint_name(shard(q, ("act_batch", "act_length", "act_heads", "act_head_dim")), "query_proj")
@@ -215,7 +227,7 @@ class Attention(nnx.Module):
         q, k = apply_interleaved_rope(q, angles), apply_interleaved_rope(k, angles)
         o = attention(q, k, v, mask, scale=c.head_dim ** -0.5, impl=c.attention_impl)
         o = checkpoint_name(shard(o, ("act_batch", "act_length", "act_heads", "act_head_dim")), "attention_out")
-        out = jnp.einsum("BSND,NDH->BSH", o, self.wo[...].astype(dt))
+        out = dense(o, self.wo[...].astype(dt), n_in=2)
         if c.use_bias:
             out = out + self.bo[...].astype(dt)
         return checkpoint_name(shard(out, ("act_batch", "act_length", "act_embed")), "out_proj")

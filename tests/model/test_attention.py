@@ -77,3 +77,14 @@ def test_bad_heads_and_impl():
     q, k, v = _inputs()
     with pytest.raises(ValueError, match="unknown attention impl"):
         attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), AttentionMask(), impl="flash")
+
+
+def test_every_query_sees_a_key():
+    valid = jnp.ones((1, 4), bool)
+    seg = jnp.ones((1, 4), jnp.int32)
+    assert AttentionMask(causal=True).every_query_sees_a_key(4, 4)
+    assert AttentionMask(causal=True).every_query_sees_a_key(1, 4)  # decoding: the last query sees all keys
+    assert not AttentionMask(causal=True).every_query_sees_a_key(4, 3)
+    assert not AttentionMask(causal=False).every_query_sees_a_key(4, 4)
+    assert not AttentionMask(causal=True, kv_valid=valid).every_query_sees_a_key(4, 4)
+    assert not AttentionMask(causal=True, q_segment_ids=seg, kv_segment_ids=seg).every_query_sees_a_key(4, 4)
