@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import os
 import logging as logging_std
 from typing import Any
 
@@ -32,7 +33,8 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process' index (wit
 
 _TOP_KEYS = {"model", "model_overrides", "mesh", "optimizer", "loss", "data", "total_steps", "micro_batches", "seed",
              "log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "async_checkpoints", "max_nonfinite",
-             "peak_tflops", "eval_every_steps", "eval_examples", "samples"}
+             "peak_tflops", "eval_every_steps", "eval_examples", "samples", "init_from", "export_hf"}
+DATA_KINDS = ("text", "vqa")  # config.data.kind: the embedded text corpus / sources, or the embedded VQA corpus
 
 
 def _plain(d: Any) -> Any:
@@ -64,7 +66,16 @@ def build(config: ConfigDict):
         raise app.UsageError(f"config: unknown key(s) {unknown}; known: {sorted(_TOP_KEYS)}")
     model = ernie_jax.get_preset(c["model"], **_plain(c.get("model_overrides", {})))
     data = dict(_plain(c["data"]))
-    if data.get("sources"):
+    kind = data.pop("kind", "text")
+    if kind not in DATA_KINDS:
+        raise app.UsageError(f"config.data.kind: {kind!r} not in {DATA_KINDS}")
+    if kind == "vqa":  # the embedded synthetic VQA corpus (generated into data/vqa/ on first use)
+        from ernie_jax.data.multimodal import vqa_data_config
+        if model.vision is None:
+            raise app.UsageError(f"config.data.kind='vqa' needs a VL model; {c['model']!r} has no vision config")
+        data_cfg = vqa_data_config(model, "train", **data)
+        heldout = vqa_data_config(model, "heldout", **data)
+    elif data.get("sources"):
         data_cfg = DataConfig.from_dict(data)
         heldout = None
     else:  # the embedded default corpus
@@ -72,12 +83,17 @@ def build(config: ConfigDict):
         data_cfg = synthetic.default_data_config("train", **data)
         heldout = synthetic.default_data_config("heldout", **data)
     top = {k: c[k] for k in ("total_steps", "micro_batches", "seed", "log_every_steps", "checkpoint_every_steps",
-                             "keep_checkpoints", "async_checkpoints", "max_nonfinite", "peak_tflops") if k in c}
+                             "keep_checkpoints", "async_checkpoints", "max_nonfinite", "peak_tflops", "init_from")
+           if k in c}
+    opt = dict(_plain(c["optimizer"]))
+    if "trainable" in opt:
+        opt["trainable"] = tuple(opt["trainable"])
     train_cfg = TrainConfig(model=model, mesh=_strict(MeshConfig, _plain(c["mesh"]), "mesh"),
-                            optimizer=_strict(OptimizerConfig, _plain(c["optimizer"]), "optimizer"),
+                            optimizer=_strict(OptimizerConfig, opt, "optimizer"),
                             loss=_strict(LossConfig, _plain(c["loss"]), "loss"), **top)
     extras = {"eval_every_steps": c.get("eval_every_steps", 0), "eval_examples": c.get("eval_examples", 0),
-              "samples": c.get("samples", 0), "heldout": heldout}
+              "samples": c.get("samples", 0), "heldout": heldout, "kind": kind,
+              "export_hf": bool(c.get("export_hf", False))}
     return train_cfg, data_cfg, extras
 
 
@@ -100,12 +116,16 @@ def main(argv):
         logging.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
                      jax.local_device_count(), jax.device_count())
 
-    from ernie_jax.data import make_pipeline
-    from ernie_jax.train.evaluation import make_eval_fn, print_samples
+    from ernie_jax.data import make_multimodal_pipeline, make_pipeline
+    from ernie_jax.train import evaluation
     from ernie_jax.train.loop import evaluate, train
 
     train_cfg, data_cfg, extras = build(_CONFIG.value)
-    data = make_pipeline(data_cfg, process_index=jax.process_index(), process_count=jax.process_count())
+    vqa = extras["kind"] == "vqa"
+    data = (make_multimodal_pipeline if vqa else make_pipeline)(
+        data_cfg, process_index=jax.process_index(), process_count=jax.process_count())
+    make_eval_fn = evaluation.make_vqa_eval_fn if vqa else evaluation.make_eval_fn
+    print_samples = evaluation.print_vqa_samples if vqa else evaluation.print_samples
     eval_fn = make_eval_fn(data_cfg, extras["heldout"], extras["eval_examples"]) if extras["eval_examples"] else None
     out = train(train_cfg, _WORKDIR.value, data, eval_fn=eval_fn, eval_every_steps=extras["eval_every_steps"],
                 progress=not _NO_PROGRESS.value)
@@ -114,6 +134,14 @@ def main(argv):
         if lead:
             print(f"stopped at step {out['step']} on a signal; checkpoint saved in {_WORKDIR.value}")
         return
+    if extras["export_hf"]:  # the next stage of a staged recipe starts from it (config.init_from)
+        export_dir = os.path.join(_WORKDIR.value, "hf")
+        if jax.process_count() > 1:
+            logging.warning("export_hf: multi-process run, not exported; use experiments.export_hf")
+        else:
+            from ernie_jax.checkpoint.hf import save_pretrained
+            save_pretrained(out["model"], export_dir)
+            print(f"exported the final weights to {export_dir}")
     if eval_fn is not None:
         final = evaluate(eval_fn, out["model"], out["state"], out["step"])
         if lead:

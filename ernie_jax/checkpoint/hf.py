@@ -243,15 +243,20 @@ def check_checkpoint(files: dict[str, SafetensorsFile], config: ErnieConfig, rul
 
 
 def from_pretrained(path: str | os.PathLike, *, dtype: str = "float32", param_dtype: str | None = None,
-                    mesh: Mesh | None = None, rules: Rules | str | None = None, **config_overrides: Any):
+                    mesh: Mesh | None = None, rules: Rules | str | None = None, config: ErnieConfig | None = None,
+                    **config_overrides: Any):
     """Loads a transformers ERNIE-4.5 directory (`config.json` + safetensors) into our model.
 
     dtype: compute dtype; param_dtype: storage dtype of the parameters (default: `dtype`).
     With `mesh`, every parameter is placed sharded by `rules` (preset name or table) as it is read.
-    Reads safetensors directly: no torch.
+    `config`: build this config's model instead of the one config.json describes (a trainer initialising
+    from a checkpoint; every key and shape is still checked). Reads safetensors directly: no torch.
     """
     path = os.fspath(path)
-    config = ErnieConfig.from_hf(path, dtype=dtype, param_dtype=param_dtype or dtype, **config_overrides)
+    if config is None:
+        config = ErnieConfig.from_hf(path, dtype=dtype, param_dtype=param_dtype or dtype, **config_overrides)
+    elif config_overrides:
+        raise TypeError(f"from_pretrained: pass either config or config overrides, not both: {sorted(config_overrides)}")
     files = _open_checkpoint(path)
     graphdef, abs_state = nnx.split(abstract_model(config))
     flat = dict(nnx.to_flat_state(abs_state))

@@ -30,7 +30,8 @@ _NAME = re.compile(r"process_(\d+)-of-(\d+)\.json$")
 class PipelineCheckpointHandler(CheckpointHandler):
     def restore(self, directory, item: Any = None, args: Any = None):
         item = item or args.item
-        if not isinstance(item, PipelineIterator):
+        from ernie_jax.data.multimodal import MultimodalPipelineIterator  # noqa: PLC0415
+        if not isinstance(item, (PipelineIterator, MultimodalPipelineIterator)):
             return super().restore(directory, item=item, args=args)
         pi, pc = sharding.get_process_index_and_count()
         path = directory / f"process_{pi}-of-{pc}.json"

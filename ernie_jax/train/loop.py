@@ -56,6 +56,9 @@ class TrainConfig:
     async_checkpoints: bool = True
     max_nonfinite: int = 5
     peak_tflops: float = 0.0  # per device; 0 = from the device kind, or measured on CPU
+    # A transformers checkpoint directory (e.g. the `hf/` export of an earlier stage, or released weights)
+    # to start from when the workdir has no checkpoint yet; optimizer, EMA and data start fresh.
+    init_from: str = ""
 
     def __post_init__(self):
         for name in ("total_steps", "micro_batches", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
@@ -128,14 +131,19 @@ def train(cfg: TrainConfig, workdir: str, data: Iterator[dict], *,
     mesh = make_mesh(cfg.mesh)
     rules = resolve_rules(cfg.mesh)
     log.info("resolved config:\n%s", cfg)
-    model = create_model(cfg.model, seed=cfg.seed, mesh=mesh, rules=rules)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=cfg.keep_checkpoints,
+                        async_save=cfg.async_checkpoints)
+    if cfg.init_from and not ckpt.all_steps():
+        from ernie_jax.checkpoint.hf import from_pretrained  # noqa: PLC0415
+        log.info("initialising from %s", cfg.init_from)
+        model = from_pretrained(cfg.init_from, config=cfg.model, mesh=mesh, rules=rules)
+    else:
+        model = create_model(cfg.model, seed=cfg.seed, mesh=mesh, rules=rules)
     log.info("parameters: %s\n%s", f"{count_params(cfg.model):,}", sharding_table(nnx.state(model), mesh, rules))
     tx, schedule = make_optimizer(cfg.optimizer, cfg.total_steps)
     state = init_train_state(model, tx, ema=cfg.loss.ema > 0)
     state_shardings = jax.tree.map(lambda a: a.sharding, state)
 
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=cfg.keep_checkpoints,
-                        async_save=cfg.async_checkpoints)
     restored = ckpt.restore(state, with_data=True)
     if restored is None and ckpt.all_steps():  # never train over checkpoints of another run silently
         raise RuntimeError(f"none of the checkpoints {ckpt.all_steps()} in {ckpt.directory} can be restored into "

@@ -38,4 +38,6 @@ def get_config() -> ConfigDict:
     c.eval_every_steps = 2000
     c.eval_examples = 96
     c.samples = 4
+    c.init_from = ""  # e.g. the released transformers checkpoint directory, to continue pre-training from it
+    c.export_hf = False
     return c

@@ -28,4 +28,6 @@ def get_config() -> ConfigDict:
     c.eval_every_steps = 300
     c.eval_examples = 96  # held-out task prompts scored by greedy completion
     c.samples = 4  # continuations printed at the end
+    c.init_from = ""  # a transformers checkpoint dir to start from (when the workdir has no checkpoint)
+    c.export_hf = False  # write the final weights to WORKDIR/hf (transformers layout)
     return c

@@ -75,3 +75,29 @@ def test_config_builds_and_resolves_on_8_devices(path):
             # the experts really are split over the expert axis
             experts = [v.get_value() for p, v in specs if "experts" in p]
             assert experts and all("expert" in tuple(s) for s in experts), experts
+
+
+@pytest.mark.parametrize("stage", ["text", "vision", "joint"])
+def test_tiny_vl_stages(stage):
+    """The staged VL recipe: each stage builds; the vision stage's trainable patterns select exactly the ViT,
+    adapter and vision experts / routers of the tiny-vl model; stages chain through their hf/ exports."""
+    from experiments.configs import tiny_vl
+    from ernie_jax.train.optimizer import trainable_mask
+    from ernie_jax.train.step import split_model
+    c = tiny_vl.get_config(stage)
+    train_cfg, data_cfg, extras = build(c)
+    assert extras["kind"] == ("text" if stage == "text" else "vqa") and extras["export_hf"]
+    assert train_cfg.init_from == {"text": "", "vision": "runs/tiny_vl_text/hf", "joint": "runs/tiny_vl_vision/hf"}[stage]
+    _, params, _ = split_model(abstract_model(train_cfg.model))
+    mask = trainable_mask(train_cfg.optimizer.trainable, nnx.to_pure_dict(params))
+    on = {jax.tree_util.keystr(p) for p, t in jax.tree_util.tree_flatten_with_path(mask)[0] if t}
+    if stage != "vision":
+        assert not train_cfg.optimizer.trainable and len(on) == len(jax.tree.leaves(mask))
+    else:
+        assert on and all(("'vision'" in k or "'adapter'" in k or "'vision_experts'" in k or "'vision_router'" in k)
+                          for k in on), sorted(on)
+        assert any("'vision_router'" in k for k in on) and any("'patch_embed'" in k for k in on)
+    with pytest.raises(ValueError, match="matches no parameter"):
+        trainable_mask((r"^no_such_module/",), nnx.to_pure_dict(params))
+    with pytest.raises(ValueError, match="stage"):
+        tiny_vl.get_config("pretrain")

@@ -76,3 +76,53 @@ def test_sigterm_saves_and_resumes(straight, tmp_path):
     r = _run(tmp_path, 12, 100)
     assert r.returncode == 0 and "DONE 12" in r.stdout, r.stderr[-3000:]
     assert _losses(tmp_path) == straight
+
+
+def test_vl_vision_stage_from_export_trains_only_vision_parts(tmp_path, monkeypatch):
+    """The staged VL recipe's alignment stage in-process: start from a transformers export (`init_from`), train
+    on packed VQA batches with the LM frozen (`trainable`), then evaluate VQA answers by greedy decoding."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from ernie_jax import get_preset, save_pretrained
+    from ernie_jax.config import VisionConfig
+    from ernie_jax.data import make_multimodal_pipeline, synthetic_vqa
+    from ernie_jax.data.multimodal import vqa_data_config
+    from ernie_jax.model import create_model
+    from ernie_jax.sharding import MeshConfig
+    from ernie_jax.train.evaluation import make_vqa_eval_fn
+    from ernie_jax.train.loop import TrainConfig, train
+    from ernie_jax.train.optimizer import OptimizerConfig
+    from ernie_jax.train.step import LossConfig
+
+    monkeypatch.setenv("ERNIE_JAX_VQA_DIR", str(tmp_path / "vqa"))
+    synthetic_vqa.generate(tmp_path / "vqa", train_docs=48, heldout_docs=24)
+    cfg = get_preset("tiny-vl", hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+                     num_key_value_heads=1, head_dim=16, mrope_section=(3, 3, 2), moe_intermediate_size=(16, 8),
+                     vision=VisionConfig(depth=1, hidden_size=32, intermediate_size=64, num_heads=2))
+    save_pretrained(create_model(cfg, seed=5), tmp_path / "init")
+    data_kw = dict(seq_len=64, global_batch_size=4, max_patches_per_row=128, max_images_per_row=4, max_docs_per_row=4)
+    data = make_multimodal_pipeline(vqa_data_config(cfg, "train", **data_kw))
+    trainable = (r"^vision/", r"^adapter/", r"/vision_experts/", r"/vision_router/")
+    tc = TrainConfig(model=cfg, mesh=MeshConfig(data=2, fsdp=-1), total_steps=3, checkpoint_every_steps=3,
+                     optimizer=OptimizerConfig(peak_lr=1e-2, warmup_steps=0, trainable=trainable),
+                     loss=LossConfig(aux_coef=1e-2, aux_free_coef=1e-2, mtp_coef=0.0), init_from=str(tmp_path / "init"))
+    out = train(tc, str(tmp_path / "run"), data, progress=False)
+    assert out["step"] == 3 and np.isfinite(out["metrics"]["loss"])
+    before = dict(nnx.to_flat_state(nnx.state(create_model(cfg, seed=5))))
+    changed = set()
+    for path, v in nnx.to_flat_state(nnx.state(out["model"])):
+        if not np.array_equal(np.asarray(jax.device_get(v.get_value())), np.asarray(before[path].get_value())):
+            changed.add("/".join(map(str, path)))
+    vision = {p for p in changed if p.startswith(("vision/", "adapter/")) or "/vision_" in p}
+    assert vision and any(p.startswith("vision/") for p in vision) and any("vision_experts" in p for p in vision)
+    frozen = changed - vision - {p for p in changed if p.endswith("router/bias")}  # biases: aux-free update
+    assert "decoder/stacks/1/layers/mlp/vision_router/kernel" in vision
+    assert not frozen, sorted(frozen)  # embeddings, attention, text experts, shared experts, norms unchanged
+    assert any("vision_router/bias" in p for p in changed)
+    # VQA evaluation: held-out loss, per-type accuracy, chance level
+    ev = make_vqa_eval_fn(vqa_data_config(cfg, "train", **data_kw), vqa_data_config(cfg, "heldout", **data_kw),
+                          n_examples=7, lm_batches=1)(out["model"], 3)
+    assert np.isfinite(ev["eval/loss"]) and 0 <= ev["eval/accuracy"] <= 1 and 0.25 < ev["eval/chance"] < 0.5
+    assert {k for k in ev if k.startswith("eval/acc_")} == {f"eval/acc_{t}" for t in synthetic_vqa.TASKS}
