@@ -33,6 +33,7 @@ from ernie_jax.train.flops import device_peak_tflops, flops_per_token, measure_p
 from ernie_jax.train.optimizer import OptimizerConfig, make_optimizer
 from ernie_jax.train.step import (BATCH_KEYS, VL_KEYS, LossConfig, TrainState, init_train_state, make_train_step,
                                   merge_model)
+from ernie_jax.train.tensorboard import EventWriter
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +77,7 @@ class MetricsWriter:
         if self.active:
             os.makedirs(workdir, exist_ok=True)
             self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-            try:
-                from tensorboardX import SummaryWriter  # noqa: PLC0415
-                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-            except ImportError:  # TensorBoard is optional
-                log.warning("tensorboardX is not installed: writing metrics.jsonl only")
+            self._tb = EventWriter(os.path.join(workdir, "tensorboard"))  # not tensorboardX: it imports torch
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self.active:
@@ -88,8 +85,7 @@ class MetricsWriter:
         self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
         self._jsonl.flush()
         if self._tb is not None:
-            for k, v in metrics.items():
-                self._tb.add_scalar(k, v, step)
+            self._tb.scalars(step, metrics)
 
     def close(self) -> None:
         if self._jsonl is not None:

@@ -24,7 +24,6 @@ if os.environ.get("ERNIE_TEST_COMPILE_CACHE"):  # the three runs of the test com
     jax.config.update("jax_compilation_cache_dir", os.environ["ERNIE_TEST_COMPILE_CACHE"])
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-sys.modules["tensorboardX"] = None  # metrics.jsonl is what the test reads; tensorboardX imports torch (~7 s)
 
 
 def config(total_steps):
