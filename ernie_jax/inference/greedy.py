@@ -77,9 +77,14 @@ def greedy_generate_ragged(model: nnx.Module, prompts: list[list[int]], max_new_
         nxt = jnp.argmax(jax.lax.dynamic_index_in_dim(logits, t - 1, axis=1, keepdims=False), axis=-1)
         return jax.lax.dynamic_update_index_in_dim(tokens, nxt.astype(tokens.dtype), t, axis=1)
 
+    return _new_tokens(lambda buf, t: step(state, buf, t), tokens, p, eos_id)
+
+
+def _new_tokens(step: Callable, tokens: np.ndarray, p: int, eos_id: int | None) -> list[list[int]]:
+    """Runs `step(buf, t)` for t = p .. end of the buffer; the tokens after p of each row, cut at eos."""
     buf = jnp.asarray(tokens)
-    for t in range(p, total):
-        buf = step(state, buf, jnp.int32(t))
+    for t in range(p, tokens.shape[1]):
+        buf = step(buf, jnp.int32(t))
     out = []
     for row in np.asarray(buf)[:, p:].tolist():
         if eos_id is not None and eos_id in row:
@@ -123,12 +128,4 @@ def greedy_generate_multimodal(model: nnx.Module, prompts: list, max_new_tokens:
         nxt = jnp.argmax(jax.lax.dynamic_index_in_dim(logits, t - 1, axis=1, keepdims=False), axis=-1)
         return jax.lax.dynamic_update_index_in_dim(tokens, nxt.astype(tokens.dtype), t, axis=1)
 
-    buf = jnp.asarray(tokens)
-    for t in range(p, total):
-        buf = step(state, buf, jnp.int32(t), inputs)
-    out = []
-    for row in np.asarray(buf)[:, p:].tolist():
-        if eos_id is not None and eos_id in row:
-            row = row[:row.index(eos_id)]
-        out.append(row)
-    return out
+    return _new_tokens(lambda buf, t: step(state, buf, t, inputs), tokens, p, eos_id)

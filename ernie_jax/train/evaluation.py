@@ -1,8 +1,15 @@
-"""Evaluation of the embedded default corpus during and after training: held-out LM loss, and task
-accuracy by greedy completion of held-out prompts (arithmetic, sorting, ... with checkable answers)."""
+"""Evaluation on the embedded corpora during and after training: held-out LM loss, and answer accuracy by
+greedy completion of held-out prompts with checkable answers: arithmetic / algorithmic tasks (text), or
+questions about rendered images (VQA, for VL models).
+
+One recipe for both: `make_eval_fn` / `make_vqa_eval_fn` build an `eval_fn(model, step) -> metrics` from a
+task's `_Task` (how to pick examples, answer them greedily and check the answers) and the held-out
+batches; `print_samples` / `print_vqa_samples` show a few answers.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from typing import Callable
 
@@ -17,140 +24,146 @@ from ernie_jax.inference.greedy import greedy_generate_ragged
 from ernie_jax.losses import token_cross_entropy
 
 
-def pick_examples(n: int) -> list[dict]:
-    """n held-out examples with answers, round-robin over the tasks (deterministic)."""
+def _round_robin(examples: list[dict], n: int) -> list[dict]:
+    """The first n examples taking one task after the other (deterministic)."""
     by_task: dict[str, list[dict]] = {}
-    for e in synthetic.load_examples("heldout"):
-        if e["answer"]:
-            by_task.setdefault(e["task"], []).append(e)
-    rr = [e for group in itertools.zip_longest(*by_task.values()) for e in group if e is not None]
-    return rr[:n]
+    for e in examples:
+        by_task.setdefault(e["task"], []).append(e)
+    return [e for group in itertools.zip_longest(*by_task.values()) for e in group if e is not None][:n]
+
+
+def pick_examples(n: int) -> list[dict]:
+    """n held-out text examples with answers, round-robin over the tasks."""
+    return _round_robin([e for e in synthetic.load_examples("heldout") if e["answer"]], n)
+
+
+def pick_vqa_examples(n: int) -> list[dict]:
+    """n held-out VQA examples, round-robin over the question types."""
+    from ernie_jax.data import synthetic_vqa  # noqa: PLC0415 (PIL only for VL runs)
+    return _round_robin(synthetic_vqa.load_examples("heldout"), n)
 
 
 def _completion(tok: SentencePieceTokenizer, prompt: list[int], new: list[int]) -> str:
     """The text the new tokens add to the prompt. Decoding them alone would drop a leading space (the
-    sentencepiece word marker), so decode prompt + new and cut the decoded prompt off."""
+    sentencepiece word marker), so decode prompt + new and cut the decoded prompt off. Ids past the
+    tokenizer's pieces (image / video tokens) are left out."""
+    text = lambda ids: [i for i in ids if i < tok.vocab_size]  # noqa: E731
+    prompt, new = text(prompt), text(new)
     before = tok.decode(prompt)
-    after = tok.decode(prompt + list(new))
+    after = tok.decode(prompt + new)
     return after[len(before):] if after.startswith(before) else tok.decode(new)
 
 
-def make_eval_fn(data_cfg, heldout_cfg, n_examples: int, lm_batches: int = 4
-                 ) -> Callable[[nnx.Module, int], dict[str, float]]:
+@dataclasses.dataclass(frozen=True)
+class _Task:
+    pick: Callable[[int], list[dict]]  # n -> held-out examples
+    answer: Callable[[nnx.Module, object, list[dict], int | None], list[str]]  # greedy completions
+    check: Callable[[dict, str], bool]
+    describe: Callable[[dict], str]  # the prompt, for printing
+    chance: dict[str, float] | None = None  # per task: accuracy of uniform guessing
+
+
+def _text_answers(model: nnx.Module, data_cfg, examples: list[dict], max_new: int | None) -> list[str]:
     tok = SentencePieceTokenizer(data_cfg.tokenizer)
-    examples = pick_examples(n_examples)
     prompts = [([tok.bos_id] if data_cfg.add_bos else []) + tok.encode(e["prompt"]).tolist() for e in examples]
-    max_new = max(len(tok.encode(e["answer"])) for e in examples) + 2
-    batches = []
-    if heldout_cfg is not None:
-        it = make_pipeline(heldout_cfg)
-        batches = [next(it) for _ in range(lm_batches)]
-
-    def eval_fn(model: nnx.Module, step: int) -> dict[str, float]:
-        metrics: dict[str, float] = {}
-        if batches:
-            g, st = nnx.split(model)
-            ce = jax.jit(lambda st, b: token_cross_entropy(nnx.merge(g, st)(
-                b["tokens"], positions=b["positions"], segment_ids=b["segment_ids"]).logits, b["targets"]))
-            tot = cnt = 0.0
-            for b in batches:
-                jb = {k: jnp.asarray(b[k]) for k in ("tokens", "targets", "positions", "segment_ids")}
-                m = np.asarray(b["loss_mask"], np.float32)
-                tot += float(np.sum(np.asarray(ce(st, jb)) * m))
-                cnt += float(m.sum())
-            metrics["eval/loss"] = tot / max(cnt, 1.0)
-        if examples:
-            outs = greedy_generate_ragged(model, prompts, max_new, pad_id=data_cfg.pad_id, eos_id=tok.eos_id)
-            hits: dict[str, list[bool]] = {}
-            for e, p, o in zip(examples, prompts, outs):
-                hits.setdefault(e["task"], []).append(synthetic.check_answer(e, _completion(tok, p, o)))
-            for task, h in sorted(hits.items()):
-                metrics[f"eval/acc_{task}"] = float(np.mean(h))
-            metrics["eval/accuracy"] = float(np.mean([x for h in hits.values() for x in h]))
-        return metrics
-
-    return eval_fn
+    max_new = max_new or max(len(tok.encode(e["answer"])) for e in examples) + 2
+    outs = greedy_generate_ragged(model, prompts, max_new, pad_id=data_cfg.pad_id, eos_id=tok.eos_id)
+    return [_completion(tok, p, o) for p, o in zip(prompts, outs)]
 
 
-def print_samples(model: nnx.Module, data_cfg, n: int, max_new: int = 24) -> None:
-    """Greedy continuations of n held-out prompts, with the expected answers."""
-    tok = SentencePieceTokenizer(data_cfg.tokenizer)
-    examples = pick_examples(n)
-    prompts = [([tok.bos_id] if data_cfg.add_bos else []) + tok.encode(e["prompt"]).tolist() for e in examples]
-    for e, p, o in zip(examples, prompts, greedy_generate_ragged(model, prompts, max_new, pad_id=data_cfg.pad_id,
-                                                                eos_id=tok.eos_id)):
-        got = _completion(tok, p, o)
-        mark = "ok " if synthetic.check_answer(e, got) else "   "
-        print(f"{mark}[{e['task']}] {e['prompt']!r} -> {got!r} (expected {e['answer']!r})")
-
-
-# ------------------------------------------------------------------------------------------- VQA (VL)
-def pick_vqa_examples(n: int) -> list[dict]:
-    """n held-out VQA examples, round-robin over the question types (deterministic)."""
-    from ernie_jax.data import synthetic_vqa  # noqa: PLC0415 (PIL only for VL runs)
-    by_task: dict[str, list[dict]] = {}
-    for e in synthetic_vqa.load_examples("heldout"):
-        by_task.setdefault(e["task"], []).append(e)
-    rr = [e for group in itertools.zip_longest(*by_task.values()) for e in group if e is not None]
-    return rr[:n]
-
-
-def _vqa_answers(model: nnx.Module, data_cfg, examples: list[dict]) -> list[str]:
+def _vqa_answers(model: nnx.Module, data_cfg, examples: list[dict], max_new: int | None) -> list[str]:
     from ernie_jax.data.multimodal import encode_example_prompt  # noqa: PLC0415
     from ernie_jax.inference.greedy import greedy_generate_multimodal  # noqa: PLC0415
     tok = SentencePieceTokenizer(data_cfg.tokenizer)
     prompts = [encode_example_prompt(e, data_cfg) for e in examples]
-    max_new = max(len(tok.encode(e["answer"])) for e in examples) + 2
+    max_new = max_new or max(len(tok.encode(e["answer"])) for e in examples) + 2
     outs = greedy_generate_multimodal(model, prompts, max_new, pad_id=data_cfg.pad_id, eos_id=tok.eos_id)
-    text = lambda ids: [i for i in ids if i < tok.vocab_size]  # noqa: E731 (image ids are no sentencepiece pieces)
-    return [_completion(tok, text(p.input_ids.tolist()), text(o)) for p, o in zip(prompts, outs)]
+    return [_completion(tok, p.input_ids.tolist(), o) for p, o in zip(prompts, outs)]
 
 
-def make_vqa_eval_fn(data_cfg, heldout_cfg, n_examples: int, lm_batches: int = 2
-                     ) -> Callable[[nnx.Module, int], dict[str, float]]:
-    """Held-out LM loss on VQA batches and answer accuracy per question type (greedy answers to held-out
-    image questions), with `eval/chance` the accuracy of uniform guessing over the same examples."""
+def _text_task() -> _Task:
+    return _Task(pick_examples, _text_answers, synthetic.check_answer, lambda e: repr(e["prompt"]))
+
+
+def _vqa_task() -> _Task:
     from ernie_jax.data import synthetic_vqa  # noqa: PLC0415
-    from ernie_jax.data.multimodal import make_multimodal_pipeline  # noqa: PLC0415
-    from ernie_jax.train.step import VL_KEYS  # noqa: PLC0415
-    examples = pick_vqa_examples(n_examples)
-    batches = []
-    if heldout_cfg is not None:
-        it = make_multimodal_pipeline(heldout_cfg)
-        batches = [next(it) for _ in range(lm_batches)]
+    describe = lambda e: repr(" ".join(s["text"] if "text" in s else "<image>" for s in e["segments"]))  # noqa: E731
+    return _Task(pick_vqa_examples, _vqa_answers, synthetic_vqa.check_vqa_answer, describe, synthetic_vqa.CHANCE)
+
+
+def heldout_loss(model: nnx.Module, batches: list[dict], keys: tuple[str, ...]) -> float:
+    """Per-token cross-entropy over the `loss_mask` of packed held-out batches. The model gets `tokens`,
+    `segment_ids` (and the key mask they imply) and the batch entries named by `keys` as keyword arguments."""
+    g, st = nnx.split(model)
+    ce = jax.jit(lambda st, b: token_cross_entropy(nnx.merge(g, st)(
+        b["tokens"], segment_ids=b["segment_ids"], attention_mask=b["segment_ids"] != 0,
+        **{k: b[k] for k in keys}).logits, b["targets"]))
+    tot = cnt = 0.0
+    for b in batches:
+        m = np.asarray(b["loss_mask"], np.float32)
+        tot += float(np.sum(np.asarray(ce(st, {k: jnp.asarray(b[k]) for k in ("tokens", "targets",
+                                                                           "segment_ids") + keys})) * m))
+        cnt += float(m.sum())
+    return tot / max(cnt, 1.0)
+
+
+def _make_eval_fn(task: _Task, data_cfg, batches: list[dict], keys: tuple[str, ...], n_examples: int
+                  ) -> Callable[[nnx.Module, int], dict[str, float]]:
+    examples = task.pick(n_examples)
 
     def eval_fn(model: nnx.Module, step: int) -> dict[str, float]:
         metrics: dict[str, float] = {}
         if batches:
-            g, st = nnx.split(model)
-            ce = jax.jit(lambda st, b: token_cross_entropy(nnx.merge(g, st)(
-                b["tokens"], segment_ids=b["segment_ids"], attention_mask=b["segment_ids"] != 0,
-                **{k: b[k] for k in VL_KEYS}).logits, b["targets"]))
-            tot = cnt = 0.0
-            for b in batches:
-                jb = {k: jnp.asarray(b[k]) for k in ("tokens", "targets", "segment_ids") + VL_KEYS}
-                m = np.asarray(b["loss_mask"], np.float32)
-                tot += float(np.sum(np.asarray(ce(st, jb)) * m))
-                cnt += float(m.sum())
-            metrics["eval/loss"] = tot / max(cnt, 1.0)
+            metrics["eval/loss"] = heldout_loss(model, batches, keys)
         if examples:
             hits: dict[str, list[bool]] = {}
-            for e, got in zip(examples, _vqa_answers(model, data_cfg, examples)):
-                hits.setdefault(e["task"], []).append(synthetic_vqa.check_vqa_answer(e, got))
-            for task, h in sorted(hits.items()):
-                metrics[f"eval/acc_{task}"] = float(np.mean(h))
+            for e, got in zip(examples, task.answer(model, data_cfg, examples, None)):
+                hits.setdefault(e["task"], []).append(task.check(e, got))
+            for name, h in sorted(hits.items()):
+                metrics[f"eval/acc_{name}"] = float(np.mean(h))
             metrics["eval/accuracy"] = float(np.mean([x for h in hits.values() for x in h]))
-            metrics["eval/chance"] = float(np.mean([synthetic_vqa.CHANCE[e["task"]] for e in examples]))
+            if task.chance is not None:
+                metrics["eval/chance"] = float(np.mean([task.chance[e["task"]] for e in examples]))
         return metrics
 
     return eval_fn
 
 
+def make_eval_fn(data_cfg, heldout_cfg, n_examples: int, lm_batches: int = 4
+                 ) -> Callable[[nnx.Module, int], dict[str, float]]:
+    """Text corpus: held-out LM loss (packed batches) and per-task accuracy of greedy answers."""
+    batches = []
+    if heldout_cfg is not None:
+        it = make_pipeline(heldout_cfg)
+        batches = [next(it) for _ in range(lm_batches)]
+    return _make_eval_fn(_text_task(), data_cfg, batches, ("positions",), n_examples)
+
+
+def make_vqa_eval_fn(data_cfg, heldout_cfg, n_examples: int, lm_batches: int = 2
+                     ) -> Callable[[nnx.Module, int], dict[str, float]]:
+    """VQA corpus (VL models): held-out LM loss on packed image batches, accuracy per question type of
+    greedy answers to held-out image questions, and `eval/chance` (uniform guessing, same questions)."""
+    from ernie_jax.data.multimodal import make_multimodal_pipeline  # noqa: PLC0415
+    from ernie_jax.train.step import VL_KEYS  # noqa: PLC0415
+    batches = []
+    if heldout_cfg is not None:
+        it = make_multimodal_pipeline(heldout_cfg)
+        batches = [next(it) for _ in range(lm_batches)]
+    return _make_eval_fn(_vqa_task(), data_cfg, batches, VL_KEYS, n_examples)
+
+
+def _print(task: _Task, model: nnx.Module, data_cfg, n: int, max_new: int | None) -> None:
+    examples = task.pick(n)
+    for e, got in zip(examples, task.answer(model, data_cfg, examples, max_new)):
+        mark = "ok " if task.check(e, got) else "   "
+        print(f"{mark}[{e['task']}] {task.describe(e)} -> {got!r} (expected {e['answer']!r})")
+
+
+def print_samples(model: nnx.Module, data_cfg, n: int, max_new: int = 24) -> None:
+    """Greedy continuations of n held-out text prompts, with the expected answers."""
+    _print(_text_task(), model, data_cfg, n, max_new)
+
+
 def print_vqa_samples(model: nnx.Module, data_cfg, n: int) -> None:
     """Greedy answers to n held-out image questions, with the expected answers."""
-    from ernie_jax.data import synthetic_vqa  # noqa: PLC0415
-    examples = pick_vqa_examples(n)
-    for e, got in zip(examples, _vqa_answers(model, data_cfg, examples)):
-        mark = "ok " if synthetic_vqa.check_vqa_answer(e, got) else "   "
-        text = " ".join(s["text"] if "text" in s else "<image>" for s in e["segments"])
-        print(f"{mark}[{e['task']}] {text!r} -> {got!r} (expected {e['answer']!r})")
+    _print(_vqa_task(), model, data_cfg, n, None)
