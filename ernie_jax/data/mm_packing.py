@@ -24,6 +24,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 
 from ernie_jax.data.mm_document import MMDocument
+from ernie_jax.data.packing import first_fit
 from ernie_jax.processor import SpecialTokens, type_ids
 
 
@@ -37,38 +38,13 @@ def pack_mm_global_batch(carry: list[MMDocument], next_doc: Callable[[], tuple[i
                          ) -> tuple[MMPackedBatch, list[MMDocument]]:
     """Packs one global batch. `next_doc()` returns (g, document), (g, None) for a skipped record, or None at
     the end of the stream. Every document must fit an empty row. Returns the batch and the carried documents."""
-    free_pos, free_patch, free_img = [seq_len] * rows, [max_patches] * rows, [max_images] * rows
-    ndoc = [0] * rows
-    placed: list[list[MMDocument]] = [[] for _ in range(rows)]
-    new_carry: list[MMDocument] = []
-    first_open = 0  # rows before it are closed
+    def pull() -> list[MMDocument] | None:
+        d = next_doc()
+        return None if d is None else [] if d[1] is None else [d[1]]
 
-    def place(d: MMDocument) -> bool:
-        nonlocal first_open
-        p, k = len(d.patches), len(d.grids)
-        for i in range(first_open, rows):
-            if free_pos[i] >= d.length and free_patch[i] >= p and free_img[i] >= k and ndoc[i] < max_docs:
-                placed[i].append(d)
-                free_pos[i] -= d.length
-                free_patch[i] -= p
-                free_img[i] -= k
-                ndoc[i] += 1
-                while first_open < rows and (free_pos[first_open] == 0 or ndoc[first_open] >= max_docs):
-                    first_open += 1
-                return True
-        return False
-
-    for d in carry:
-        if not place(d):
-            new_carry.append(d)
-    num_docs = 0
-    while first_open < rows and len(new_carry) < lookahead:
-        nd = next_doc()
-        if nd is None:
-            break
-        num_docs += 1
-        if nd[1] is not None and not place(nd[1]):
-            new_carry.append(nd[1])
+    placed, num_docs, new_carry = first_fit(carry, pull, lambda d: (d.length, len(d.patches), len(d.grids)),
+                                            (seq_len, max_patches, max_images), rows=rows, max_docs=max_docs,
+                                            lookahead=lookahead)
     return MMPackedBatch(placed, num_docs), new_carry
 
 

@@ -15,9 +15,11 @@ index per segment, -1 padding).
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, TypeVar
 
 import numpy as np
+
+U = TypeVar("U")  # a packed unit
 
 
 class Chunk(NamedTuple):
@@ -39,44 +41,61 @@ class PackedBatch(NamedTuple):
     num_docs: int             # documents pulled from the stream for this batch
 
 
+def first_fit(carry: list[U], pull: Callable[[], list[U] | None], cost: Callable[[U], tuple[int, ...]],
+              budgets: tuple[int, ...], *, rows: int, max_docs: int, lookahead: int
+              ) -> tuple[list[list[U]], int, list[U]]:
+    """The placement rule of the module doc for units (chunks, documents) costing `cost(u)` of each per-row
+    budget; a row closes when its first budget (positions) is used up or it holds `max_docs` units. `pull()`
+    returns the next document's units ([] for a skipped one) or None at the end of the stream. Returns the
+    rows, the number of documents pulled and the carried units."""
+    free = [[b] * rows for b in budgets]  # free[b][i]: budget b left in row i
+    pos = free[0]
+    ndoc = [0] * rows
+    placed: list[list[U]] = [[] for _ in range(rows)]
+    new_carry: list[U] = []
+    first_open = 0  # rows before it are closed
+
+    def place(u: U) -> bool:
+        nonlocal first_open
+        need = cost(u)
+        n0, more = need[0], tuple(zip(free[1:], need[1:]))  # positions first: it rules out most rows
+        for i in range(first_open, rows):
+            if pos[i] >= n0 and ndoc[i] < max_docs and all(f[i] >= n for f, n in more):
+                placed[i].append(u)
+                for f, n in zip(free, need):
+                    f[i] -= n
+                ndoc[i] += 1
+                while first_open < rows and (pos[first_open] == 0 or ndoc[first_open] >= max_docs):
+                    first_open += 1
+                return True
+        return False
+
+    for u in carry:
+        if not place(u):
+            new_carry.append(u)
+    num_docs = 0
+    while first_open < rows and len(new_carry) < lookahead:
+        units = pull()
+        if units is None:
+            break
+        num_docs += 1
+        for u in units:
+            if not place(u):
+                new_carry.append(u)
+    return placed, num_docs, new_carry
+
+
 def pack_global_batch(carry: list[Chunk], next_doc: Callable[[], tuple[int, np.ndarray | None] | None], *,
                       seq_len: int, rows: int, max_docs: int, lookahead: int
                       ) -> tuple[PackedBatch, list[Chunk]]:
     """Packs one global batch. `next_doc()` returns (g, tokens) or (g, None) for a skipped document, or
     None at the end of the stream. Returns the batch and the chunks carried to the next one."""
-    free = [seq_len] * rows
-    nseg = [0] * rows
-    placed: list[list[Chunk]] = [[] for _ in range(rows)]
-    new_carry: list[Chunk] = []
-    first_open = 0  # rows before it are full
-
-    def place(c: Chunk) -> bool:
-        nonlocal first_open
-        for i in range(first_open, rows):
-            if free[i] >= c.length and nseg[i] < max_docs:
-                placed[i].append(c)
-                free[i] -= c.length
-                nseg[i] += 1
-                while first_open < rows and (free[first_open] == 0 or nseg[first_open] >= max_docs):
-                    first_open += 1
-                return True
-        return False
-
-    for c in carry:
-        if not place(c):
-            new_carry.append(c)
-    num_docs = 0
-    while first_open < rows and len(new_carry) < lookahead:
+    def pull() -> list[Chunk] | None:
         d = next_doc()
-        if d is None:
-            break
-        num_docs += 1
-        g, toks = d
-        if toks is None:
-            continue
-        for c in chunks_of(g, toks, seq_len):
-            if not place(c):
-                new_carry.append(c)
+        return None if d is None else [] if d[1] is None else chunks_of(d[0], d[1], seq_len)
+
+    placed, num_docs, new_carry = first_fit(carry, pull, lambda c: (c.length,), (seq_len,), rows=rows,
+                                            max_docs=max_docs, lookahead=lookahead)
     return PackedBatch(placed, num_docs), new_carry
 
 
