@@ -102,7 +102,7 @@ def test_vl_vision_stage_from_export_trains_only_vision_parts(tmp_path, monkeypa
                      num_key_value_heads=1, head_dim=16, mrope_section=(3, 3, 2), moe_intermediate_size=(16, 8),
                      vision=VisionConfig(depth=1, hidden_size=32, intermediate_size=64, num_heads=2))
     save_pretrained(create_model(cfg, seed=5), tmp_path / "init")
-    data_kw = dict(seq_len=64, global_batch_size=4, max_patches_per_row=128, max_images_per_row=4, max_docs_per_row=4)
+    data_kw = dict(seq_len=96, global_batch_size=4, max_patches_per_row=256, max_images_per_row=4, max_docs_per_row=4)
     data = make_multimodal_pipeline(vqa_data_config(cfg, "train", **data_kw))
     trainable = (r"^vision/", r"^adapter/", r"/vision_experts/", r"/vision_router/")
     tc = TrainConfig(model=cfg, mesh=MeshConfig(data=2, fsdp=-1), total_steps=3, checkpoint_every_steps=3,
