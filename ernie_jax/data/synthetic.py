@@ -19,6 +19,7 @@ import os
 import random
 import tempfile
 from pathlib import Path
+from typing import Callable, Hashable, Sequence, TypeVar
 
 TASKS = ("add", "sub", "mul", "reverse", "sort", "count", "succ", "story", "text")
 TRAIN_DOCS = 100_000
@@ -75,26 +76,39 @@ def is_heldout(task: str, prompt: str) -> bool:
     return hashlib.blake2b(f"{task}\x00{prompt}".encode(), digest_size=4).digest()[0] % 10 == 0
 
 
-def examples(split: str, n: int, seed: int) -> list[dict]:
-    """`n` examples of `split` ("train" | "heldout"), tasks in equal proportion; held-out prompts are unique."""
+T = TypeVar("T")
+
+
+def draw_split(split: str, n: int, seed: int, tasks: Sequence[str], draw: Callable[[str, random.Random], T],
+               heldout: Callable[[T], bool], key: Callable[[T], Hashable]) -> list[T]:
+    """`n` examples of `split` ("train" | "heldout"), `draw(task, rng)` with tasks round-robin, kept when
+    `heldout(example)` matches the split; held-out examples are unique by `key`."""
     rng = random.Random(seed)
     want_heldout = split == "heldout"
     out, seen = [], set()
     for _ in range(100 * n + 10_000):
         if len(out) == n:
             break
-        task = TASKS[len(out) % len(TASKS)]
-        prompt, answer = _example(task, rng)
-        if is_heldout(task, prompt) != want_heldout:
+        ex = draw(tasks[len(out) % len(tasks)], rng)
+        if heldout(ex) != want_heldout:
             continue
         if want_heldout:
-            if (task, prompt) in seen:
+            k = key(ex)
+            if k in seen:
                 continue
-            seen.add((task, prompt))
-        out.append({"text": prompt + answer, "task": task, "prompt": prompt, "answer": answer})
+            seen.add(k)
+        out.append(ex)
     else:
         raise RuntimeError(f"could not draw {n} distinct {split} examples")
     return out
+
+
+def examples(split: str, n: int, seed: int) -> list[dict]:
+    """`n` examples of `split` ("train" | "heldout"), tasks in equal proportion; held-out prompts are unique."""
+    drawn = draw_split(split, n, seed, TASKS, lambda task, rng: (task, *_example(task, rng)),
+                       lambda e: is_heldout(e[0], e[1]), lambda e: e[:2])
+    return [{"text": prompt + answer, "task": task, "prompt": prompt, "answer": answer}
+            for task, prompt, answer in drawn]
 
 
 def check_answer(example: dict, completion: str) -> bool:

@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from ernie_jax.data.png import encode_palette_png
-from ernie_jax.data.synthetic import _write_atomic
+from ernie_jax.data.synthetic import _write_atomic, draw_split
 
 COLOURS = ("red", "green", "blue", "yellow", "purple")
 KINDS = ("circle", "square", "triangle")
@@ -241,31 +241,18 @@ def segments(example: dict) -> list[dict]:
     return segs
 
 
+def _identity(example: dict) -> str:
+    return json.dumps([example["task"], example["params"], example["scenes"]], sort_keys=True)
+
+
 def is_heldout(example: dict) -> bool:
-    key = json.dumps([example["task"], example["params"], example["scenes"]], sort_keys=True)
-    return hashlib.blake2b(key.encode(), digest_size=4).digest()[0] % 10 == 0
+    return hashlib.blake2b(_identity(example).encode(), digest_size=4).digest()[0] % 10 == 0
 
 
 def examples(split: str, n: int, seed: int) -> list[dict]:
     """`n` records of `split` ("train" | "heldout"), tasks round-robin; held-out examples are unique."""
-    rng = random.Random(seed)
-    want_heldout = split == "heldout"
-    out, seen = [], set()
-    for _ in range(100 * n + 10_000):
-        if len(out) == n:
-            break
-        ex = _example(TASKS[len(out) % len(TASKS)], rng)
-        if is_heldout(ex) != want_heldout:
-            continue
-        key = json.dumps([ex["task"], ex["params"], ex["scenes"]], sort_keys=True)
-        if want_heldout:
-            if key in seen:
-                continue
-            seen.add(key)
-        out.append({**ex, "segments": segments(ex)})
-    else:
-        raise RuntimeError(f"could not draw {n} distinct {split} examples")
-    return out
+    return [{**ex, "segments": segments(ex)}
+            for ex in draw_split(split, n, seed, TASKS, _example, is_heldout, _identity)]
 
 
 def check_vqa_answer(example: dict, completion: str) -> bool:
