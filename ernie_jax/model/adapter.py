@@ -24,7 +24,7 @@ from ernie_jax.config import VisionConfig
 from ernie_jax.model.mlp import ACTIVATIONS
 from ernie_jax.model.norm import RMSNorm
 from ernie_jax.model.params import const_param, normal_param
-from ernie_jax.model.vision import LayerNorm, check_grid
+from ernie_jax.model.vision import LayerNorm, as_rows, check_grid
 from ernie_jax.sharding import shard
 
 _GELU = ACTIVATIONS["gelu"]  # torch nn.GELU(): the exact erf form
@@ -98,18 +98,11 @@ class Adapter(nnx.Module):
     def __call__(self, features: jax.Array, grid_thw: jax.Array) -> tuple[jax.Array, jax.Array]:
         """features [N, Hv], grid_thw [n, 3] -> tokens [N/m^2, H], valid [N/m^2] bool;
         or [B, P, Hv], [B, n, 3] -> [B, P/m^2, H], [B, P/m^2]. Computes in features' dtype."""
-        if not isinstance(grid_thw, jax.Array):
-            grid_thw = np.asarray(grid_thw)
-        flat = features.ndim == 2
-        if flat:
-            features, grid_thw = features[None], grid_thw[None]
+        features, grid_thw, flat = as_rows(features, grid_thw, "features")
         m2 = self.merge ** 2
-        if features.ndim != 3 or features.shape[1] % m2:
+        if features.shape[1] % m2:
             raise ValueError(f"features must be [N, Hv] or [B, P, Hv] with N, P multiples of {m2} "
                              f"(spatial merge {self.merge}x{self.merge}); got shape {tuple(features.shape)}")
-        if grid_thw.ndim != 3 or grid_thw.shape[0] != features.shape[0]:
-            raise ValueError(f"grid_thw shape {tuple(grid_thw.shape)} does not match features "
-                             f"{tuple(features.shape)}: expected [n, 3] with [N, Hv], [B, n, 3] with [B, P, Hv]")
         check_grid(grid_thw, features.shape[1], self.merge)
         if not isinstance(grid_thw, jax.core.Tracer):
             g = np.asarray(grid_thw)

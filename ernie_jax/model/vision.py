@@ -73,6 +73,20 @@ def check_grid(grid_thw, num_patches: int, merge: int) -> None:
         raise ValueError(f"grid_thw[{b}] describes {used[b]} patches but the row holds {num_patches}")
 
 
+def as_rows(x: jax.Array, grid_thw, name: str) -> tuple[jax.Array, jax.Array | np.ndarray, bool]:
+    """The two input layouts as rows: (x [N, D], grid [n, 3]) -> ([1, N, D], [1, n, 3], True); (x [B, P, D],
+    grid [B, n, 3]) -> unchanged, False. A concrete grid becomes numpy (checked by `check_grid`)."""
+    if not isinstance(grid_thw, jax.Array):
+        grid_thw = np.asarray(grid_thw)
+    flat = x.ndim == 2
+    if flat:
+        x, grid_thw = x[None], grid_thw[None]
+    if x.ndim != 3 or grid_thw.ndim != 3 or grid_thw.shape[0] != x.shape[0]:
+        raise ValueError(f"{name} {tuple(x.shape[flat:])} and grid_thw {tuple(grid_thw.shape[flat:])} do not match: "
+                         f"expected [N, D] with [n, 3], or [B, P, D] with [B, n, 3]")
+    return x, grid_thw, flat
+
+
 def _row_layout(grid: jax.Array, num_patches: int, merge: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     """grid [n, 3] int32 -> segment_ids [P], coords [P, 2], valid [P] of one row."""
     n = grid.shape[0]
@@ -211,18 +225,11 @@ class VisionEncoder(nnx.Module):
 
         dtype: compute dtype. Outputs at padding patches are meaningless (finite) and are to be ignored."""
         c = self.vcfg
-        if not isinstance(grid_thw, jax.Array):
-            grid_thw = np.asarray(grid_thw)
-        flat = pixel_values.ndim == 2
-        if flat:
-            pixel_values, grid_thw = pixel_values[None], grid_thw[None]
         d_in = c.in_channels * c.patch_size ** 2
-        if pixel_values.ndim != 3 or pixel_values.shape[-1] != d_in:
+        pixel_values, grid_thw, flat = as_rows(pixel_values, grid_thw, "pixel_values")
+        if pixel_values.shape[-1] != d_in:
             raise ValueError(f"pixel_values must be [N, {d_in}] or [B, P, {d_in}] (C*p*p = {c.in_channels}*"
                              f"{c.patch_size}^2); got shape {tuple(pixel_values.shape)}")
-        if grid_thw.ndim != 3 or grid_thw.shape[0] != pixel_values.shape[0]:
-            raise ValueError(f"grid_thw shape {tuple(grid_thw.shape)} does not match pixel_values "
-                             f"{tuple(pixel_values.shape)}: expected [n, 3] with [N, D], [B, n, 3] with [B, P, D]")
         check_grid(grid_thw, pixel_values.shape[1], c.spatial_merge_size)
         layout = patch_layout(jnp.asarray(grid_thw), pixel_values.shape[1], c.spatial_merge_size)
         mask = AttentionMask(causal=False, q_segment_ids=layout.segment_ids, kv_segment_ids=layout.segment_ids,

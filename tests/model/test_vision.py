@@ -181,6 +181,8 @@ def test_bad_inputs_raise_naming_the_cause():
         model(jnp.zeros((16, D_IN)), np.array([[1, 2, 4], [1, 3, 2]]))
     with pytest.raises(ValueError, match=r"describes 24 patches but the row holds 16"):
         model(jnp.zeros((16, D_IN)), np.array([[1, 4, 6]]))
+    with pytest.raises(ValueError, match=r"pixel_values \(2, 16, 12\) and grid_thw \(1, 3\) do not match"):
+        model(jnp.zeros((2, 16, D_IN)), np.array([[1, 2, 4]]))
     with pytest.raises(ValueError, match=r"grid_thw must be \[B, n >= 1, 3\]"):
         model(jnp.zeros((16, D_IN)), np.zeros((0, 3), int))
     with pytest.raises(ValueError, match="head_dim = hidden_size / num_heads = 6 must be a multiple of 4"):
