@@ -14,7 +14,9 @@
    Both use the mean next-token cross-entropy on an unpacked batch (no document masking, no aux losses),
    AdamW b1 0.9, b2 0.95, eps 1e-8, wd 0.1, constant lr 1e-3. The first step's losses are checked to agree
    before anything is timed. After `--warmup` steps each, the implementations take turns for `--repeats`
-   steps; tokens/s and the ratio use the median step time.
+   steps; tokens/s and the ratio use the median step time. The process CPU time per step is shown too (on a
+   shared host the wall clock also counts waiting for a core), and the bound the host sets: analytic model
+   FLOPs per step over its fp32 matmul peak measured in the same run.
 2. The checkpoint stall: the time `Checkpointer.save` (what the training loop calls) blocks the loop with
    async saves on, against the time a synchronous save takes, for a train state of a few hundred MB (the
    0.3B layer shapes, fewer layers, a smaller vocab). Async saves are waited for outside the timed call
@@ -46,6 +48,7 @@ import transformers
 import ernie_jax
 from ernie_jax.checkpoint.orbax import Checkpointer
 from ernie_jax.model import create_model
+from ernie_jax.train.flops import flops_per_token, measure_peak_tflops
 from ernie_jax.train.optimizer import OptimizerConfig, make_optimizer
 from ernie_jax.train.step import LossConfig, init_train_state, make_train_step
 from experiments.bench.report import git_rev, utc_now, write_section
@@ -122,18 +125,22 @@ def bench_step(name: str, batch: int, seq: int, repeats: int, warmup: int) -> di
     for _ in range(warmup - 1):  # torch's first steps are slow (allocator, oneDNN primitives)
         for fn in impls.values():
             fn()
-    times = {k: [] for k in impls}
+    times, cpu = {k: [] for k in impls}, {k: [] for k in impls}
     for _ in range(repeats):  # round-robin: a change in background load hits all alike
         for k, fn in impls.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
             times[k].append(time.perf_counter() - t0)
+            cpu[k].append(time.process_time() - c0)  # all threads of the process: the work, less the waiting
     torch.set_num_threads(os.cpu_count())
     med = {k: statistics.median(v) for k, v in times.items()}
     ref = min(v for k, v in med.items() if k != OURS)  # the faster torch thread setting
+    flops = flops_per_token(cfg, seq) * batch * seq
     return dict(config=name, params=ernie_jax.count_params(cfg), shape=f"{batch}×{seq}", loss_diff=diff,
+                gflop=flops / 1e9, ref_ms=1e3 * ref,
                 rows=[dict(impl=k, compile_s=compile_s if k == OURS else None, ms=1e3 * med[k],
-                           best_ms=1e3 * min(times[k]), tok_s=batch * seq / med[k], speed=ref / med[k])
+                           best_ms=1e3 * min(times[k]), cpu_ms=1e3 * statistics.median(cpu[k]),
+                           tok_s=batch * seq / med[k], gflops=flops / med[k] / 1e9, speed=ref / med[k])
                       for k in impls])
 
 
@@ -176,13 +183,15 @@ def bench_checkpoint(repeats: int) -> dict:
 
 
 def tables(steps: list[dict], ck: dict) -> str:
-    lines = ["| config | params | B×S | impl | compile s | median ms | min ms | tokens/s | speed vs faster torch |",
-             "|---|---:|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| config | params | B×S | impl | compile s | median ms | min ms | CPU ms | tokens/s | GFLOP/s "
+             "| speed vs faster torch |",
+             "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for s in steps:
         for r in s["rows"]:
             comp = "–" if r["compile_s"] is None else f"{r['compile_s']:.2f}"
             lines.append(f"| {s['config']} | {s['params'] / 1e6:.2f}M | {s['shape']} | {r['impl']} | {comp} "
-                         f"| {r['ms']:.1f} | {r['best_ms']:.1f} | {r['tok_s']:,.0f} | {r['speed']:.2f}× |")
+                         f"| {r['ms']:.1f} | {r['best_ms']:.1f} | {r['cpu_ms']:.1f} | {r['tok_s']:,.0f} "
+                         f"| {r['gflops']:.1f} | {r['speed']:.2f}× |")
     lines += ["", "| train state | on disk | synchronous save s | async: `save()` blocks s | async: written after s "
               "| stall / sync save |", "|---:|---:|---:|---:|---:|---:|",
               f"| {ck['state_mb']:.0f} MB ({ck['params'] / 1e6:.1f}M params + AdamW) | {ck['disk_mb']:.0f} MB "
@@ -190,8 +199,11 @@ def tables(steps: list[dict], ck: dict) -> str:
     return "\n".join(lines)
 
 
-def header(args, steps: list[dict], ck: dict, load: tuple[float, float]) -> str:
+def header(args, steps: list[dict], ck: dict, load: tuple[float, float], peak_gflops: float) -> str:
     worst = min(r["speed"] for s in steps for r in s["rows"] if r["impl"] == OURS)
+    bounds = "; ".join(f"{s['config']}: {s['gflop']:.1f} GFLOP, ≥ {1e3 * s['gflop'] / peak_gflops:.0f} ms at that "
+                       f"peak, vs {s['ref_ms'] / GOAL_SPEED:.0f} ms for {GOAL_SPEED:g}× the torch step"
+                       for s in steps)
     speed_ok = "**met**" if worst >= GOAL_SPEED else "**missed**"
     stall_ok = "**met**" if ck["ratio"] <= GOAL_STALL else "**missed**"
     return (f"Tokens/s of one fp32 training step on the host CPU (forward, backward, global-norm clip 1.0, AdamW "
@@ -203,7 +215,11 @@ def header(args, steps: list[dict], ck: dict, load: tuple[float, float]) -> str:
             f"two); same weights, same unpacked random-token batch, mean next-token cross-entropy only "
             f"(first-step losses agree to {max(s['loss_diff'] for s in steps):.1e}). One process, median (and min) "
             f"of {args.repeats} steps "
-            f"after {args.warmup} warm-up steps, the implementations taking turns. Then the checkpoint stall: the time "
+            f"after {args.warmup} warm-up steps, the implementations taking turns; `CPU ms` is the median process "
+            f"CPU time of a step (all threads: the work done, without the time spent waiting for a core, which "
+            f"the wall-clock columns include on a loaded host); GFLOP/s counts the analytic model FLOPs "
+            f"(`ernie_jax.train.flops.flops_per_token`: matmuls x 6, attention causal-halved). "
+            f"Then the checkpoint stall: the time "
             f"`ernie_jax.checkpoint.orbax.Checkpointer.save` (the loop's call: train state + data-iterator "
             f"state) blocks with async saves on, vs a synchronous save of the same state, median of "
             f"{ck['repeats']} saves each, to the local disk under the temp dir (the page cache absorbs much of the write); "
@@ -216,6 +232,9 @@ def header(args, steps: list[dict], ck: dict, load: tuple[float, float]) -> str:
             f"\n\n"
             f"- goal (issue #7): ours ≥ {GOAL_SPEED:g}× the (faster) torch step: slowest config {worst:.2f}×: "
             f"{speed_ok}\n"
+            f"- what bounds the step: the model FLOPs per step over this host's fp32 matmul peak, measured in the "
+            f"same run (`measure_peak_tflops`: a jitted 1024³ matmul, best of 5, all cores): "
+            f"{peak_gflops:.0f} GFLOP/s; {bounds}\n"
             f"- goal (issue #7): async-save stall ≤ {GOAL_STALL:g}× a synchronous save: {ck['ratio']:.3f}× "
             f"(all sync s: {', '.join(f'{x:.3f}' for x in ck['sync_all'])}; all stalls s: "
             f"{', '.join(f'{x:.3f}' for x in ck['stall_all'])}): {stall_ok}\n"
@@ -242,10 +261,12 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count())  # XLA's CPU backend uses every core too
     load_before = os.getloadavg()[0]
     steps = [bench_step(n, args.batch, args.seq, args.repeats, args.warmup) for n in args.configs.split(",")]
+    peak_gflops = 1e3 * measure_peak_tflops()
     ck = bench_checkpoint(args.ckpt_repeats)
     md = tables(steps, ck)
     print(md)
-    write_section(args.out, SECTION, header(args, steps, ck, (load_before, os.getloadavg()[0])) + "\n" + md)
+    write_section(args.out, SECTION,
+                  header(args, steps, ck, (load_before, os.getloadavg()[0]), peak_gflops) + "\n" + md)
     print(f"wrote {args.out}")
 
 
