@@ -14,6 +14,7 @@ from flax import nnx, struct
 from ernie_jax.config import ErnieConfig
 from ernie_jax.model.attention import AttentionMask
 from ernie_jax.model.decoder import Decoder
+from ernie_jax.model.dense import dense
 from ernie_jax.model.moe import MoEStats
 from ernie_jax.model.mtp import MTPDepth
 from ernie_jax.model.norm import RMSNorm
@@ -98,7 +99,7 @@ class ErnieForCausalLM(nnx.Module):
         """[B, S, H] -> fp32 logits [B, S, V] (the tied embedding or lm_head, plus the MoE head's bias)."""
         c = self.config
         head = self.embed[...].T if c.tie_word_embeddings else self.lm_head[...]
-        logits = jnp.einsum("BSH,HV->BSV", h, head.astype(h.dtype), preferred_element_type=jnp.float32)
+        logits = dense(h, head.astype(h.dtype), preferred_element_type=jnp.float32)  # see model/dense.py
         if hasattr(self, "lm_head_bias"):
             logits = logits + self.lm_head_bias[...].astype(h.dtype)
         return shard(logits, ("act_batch", "act_length", "act_vocab"))

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from ernie_jax.model.dense import dense
 from ernie_jax.model.params import const_param, normal_param
 from ernie_jax.sharding import shard
 
@@ -36,13 +36,13 @@ class MLP(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [B, S, H] -> [B, S, H]."""
         dt = x.dtype
-        gate = jnp.einsum("BSH,HI->BSI", x, self.wi_gate[...].astype(dt))
-        up = jnp.einsum("BSH,HI->BSI", x, self.wi_up[...].astype(dt))
+        gate = dense(x, self.wi_gate[...].astype(dt))  # 2-D matmuls: see model/dense.py
+        up = dense(x, self.wi_up[...].astype(dt))
         if self.use_bias:
             gate, up = gate + self.bi_gate[...].astype(dt), up + self.bi_up[...].astype(dt)
         gate = checkpoint_name(shard(gate, ("act_batch", "act_length", "act_mlp")), "mlp_gate")
         up = checkpoint_name(shard(up, ("act_batch", "act_length", "act_mlp")), "mlp_up")
-        out = jnp.einsum("BSI,IH->BSH", ACTIVATIONS[self.act](gate) * up, self.wo[...].astype(dt))
+        out = dense(ACTIVATIONS[self.act](gate) * up, self.wo[...].astype(dt))
         if self.use_bias:
             out = out + self.bo[...].astype(dt)
         return checkpoint_name(shard(out, ("act_batch", "act_length", "act_embed")), "mlp_out")
