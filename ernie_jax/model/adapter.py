@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from ernie_jax.config import VisionConfig
+from ernie_jax.model.dense import dense
 from ernie_jax.model.mlp import ACTIVATIONS
 from ernie_jax.model.norm import RMSNorm
 from ernie_jax.model.params import const_param, normal_param
@@ -43,9 +44,9 @@ class MergeMLP(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [B, T, In] -> [B, T, Out]."""
         dt = x.dtype
-        h = jnp.einsum("BTI,IO->BTO", x, self.w1[...].astype(dt)) + self.b1[...].astype(dt)
+        h = dense(x, self.w1[...].astype(dt)) + self.b1[...].astype(dt)
         h = shard(_GELU(h), ("act_batch", "act_length", "act_mlp"))
-        h = jnp.einsum("BTI,IO->BTO", h, self.w2[...].astype(dt)) + self.b2[...].astype(dt)
+        h = dense(h, self.w2[...].astype(dt)) + self.b2[...].astype(dt)
         return self.norm(h)
 
 
@@ -114,7 +115,7 @@ class Adapter(nnx.Module):
         first, second, valid = temporal_pairs(jnp.asarray(grid_thw), p // m2, self.merge)
         take = jax.vmap(lambda rows, idx: rows[idx])
         x = self.temporal(jnp.concatenate([take(x, first), take(x, second)], axis=-1))
-        x = jnp.einsum("BTD,DH->BTH", x, self.proj[...].astype(x.dtype)) + self.proj_bias[...].astype(x.dtype)
+        x = dense(x, self.proj[...].astype(x.dtype)) + self.proj_bias[...].astype(x.dtype)
         x = self.after_norm(x)
         x = shard(jnp.where(valid[..., None], x, 0), ("act_batch", "act_length", "act_embed"))
         return (x[0], valid[0]) if flat else (x, valid)

@@ -16,6 +16,7 @@ from flax import nnx
 from ernie_jax.config import ErnieConfig
 from ernie_jax.model.attention import AttentionMask
 from ernie_jax.model.decoder import DecoderLayer
+from ernie_jax.model.dense import dense
 from ernie_jax.model.norm import RMSNorm
 from ernie_jax.model.params import normal_param
 
@@ -35,7 +36,7 @@ class MTPDepth(nnx.Module):
     def __call__(self, emb: jax.Array, h: jax.Array, angles: jax.Array, mask: AttentionMask) -> jax.Array:
         """emb, h [B, S, H] -> h_d [B, S, H] (before the shared final norm)."""
         u = jnp.concatenate([self.emb_norm(emb), self.hidden_norm(h)], axis=-1)
-        u = jnp.einsum("BSK,KH->BSH", u, self.proj[...].astype(u.dtype))
+        u = dense(u, self.proj[...].astype(u.dtype))
         return self.layer(u, angles, mask)[0]
 
 

@@ -31,6 +31,7 @@ from jax.ad_checkpoint import checkpoint_name
 from ernie_jax.config import VisionConfig
 from ernie_jax.model.attention import AttentionMask, attention
 from ernie_jax.model.decoder import stack_modules
+from ernie_jax.model.dense import dense
 from ernie_jax.model.mlp import ACTIVATIONS
 from ernie_jax.model.params import const_param, normal_param
 from ernie_jax.model.remat import remat
@@ -153,7 +154,7 @@ class VisionAttention(nnx.Module):
     def __call__(self, x: jax.Array, angles: jax.Array, mask: AttentionMask) -> jax.Array:
         """x [B, P, Hv], angles [B, P, D/2] -> [B, P, Hv]."""
         dt = x.dtype
-        qkv = jnp.einsum("BPH,HTND->BPTND", x, self.wqkv[...].astype(dt)) + self.bqkv[...].astype(dt)
+        qkv = dense(x, self.wqkv[...].astype(dt)) + self.bqkv[...].astype(dt)
         names = ("act_batch", "act_length", "act_heads", None)
         q = checkpoint_name(shard(qkv[:, :, 0], names), "query_proj")
         k = checkpoint_name(shard(qkv[:, :, 1], names), "key_proj")
@@ -161,7 +162,7 @@ class VisionAttention(nnx.Module):
         q, k = apply_rotate_half_rope(q, angles), apply_rotate_half_rope(k, angles)
         o = attention(q, k, v, mask, scale=self.head_dim ** -0.5, impl=self.attention_impl)
         o = checkpoint_name(shard(o, names), "attention_out")
-        out = jnp.einsum("BPND,NDH->BPH", o, self.wo[...].astype(dt)) + self.bo[...].astype(dt)
+        out = dense(o, self.wo[...].astype(dt), n_in=2) + self.bo[...].astype(dt)
         return checkpoint_name(shard(out, _ACT), "out_proj")
 
 
@@ -178,9 +179,9 @@ class VisionMLP(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [B, P, Hv] -> [B, P, Hv]."""
         dt = x.dtype
-        hid = jnp.einsum("BPH,HI->BPI", x, self.w1[...].astype(dt)) + self.b1[...].astype(dt)
+        hid = dense(x, self.w1[...].astype(dt)) + self.b1[...].astype(dt)
         hid = checkpoint_name(shard(hid, ("act_batch", "act_length", "act_mlp")), "mlp_up")
-        out = jnp.einsum("BPI,IH->BPH", ACTIVATIONS[self.act](hid), self.w2[...].astype(dt)) + self.b2[...].astype(dt)
+        out = dense(ACTIVATIONS[self.act](hid), self.w2[...].astype(dt)) + self.b2[...].astype(dt)
         return checkpoint_name(shard(out, _ACT), "mlp_out")
 
 
@@ -237,7 +238,7 @@ class VisionEncoder(nnx.Module):
         angles = vision_rope_angles(layout.coords, c.head_dim, c.rope_theta)  # [B, P, D/2]
 
         dt = jnp.dtype(dtype)
-        x = jnp.einsum("BPC,CH->BPH", pixel_values.astype(dt), self.patch_embed[...].astype(dt))
+        x = dense(pixel_values.astype(dt), self.patch_embed[...].astype(dt))
         x = shard(x, _ACT)
         graphdef, state = nnx.split(self.blocks)
 
