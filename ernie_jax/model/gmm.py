@@ -7,18 +7,21 @@ Implementations, chosen by `ErnieConfig.moe_gmm_impl`:
   so every tile belongs to one group; one batched matmul then runs over all tiles with each tile's
   expert weights `rhs[tile_group]`. Work is (M + G * tile) rows, about 2M with the default tile ~ M / G,
   but the small tiles and the per-tile weight gather (and its scatter-add gradient) grow with G.
-- `bucketed`: plain JAX. Every group gets a bucket of C rows, [G, C, K], C the smallest of a few
-  capacities (1.25x .. 3x the mean group size M / G) that holds the largest group, picked at run time with
-  `lax.switch`; `rhs` is used as is (no per-tile weight gather) and the weight gradient is one
-  `einsum("GCK,GCN->GKN")`. Work is G * C rows (1.25M .. 3M, set by the largest group). If even the largest
-  capacity is too small (heavy skew) the last branch is `tiled` with tiles of >= 128 rows, so it stays
-  dropless for any group sizes. Its own `custom_vjp`, see `_bucketed`.
+- `bucketed`: plain JAX. Every group gets a bucket of its first c rows, [G, c, K], one batched matmul with
+  `rhs` as is, and the rows past c of the busier groups go to n overflow tiles of t rows, [n, t, K], each
+  tile one group's (a weight gather per tile). (c, n, t) is one of a few branches (c from the mean group
+  size M / G to 2x it), the cheapest whose tiles hold the overflow, picked at run time with `lax.switch`.
+  Work is G * c + n * t rows (about 1.03M at 8 and 1.19M at 64 experts with the loads of the MoE
+  benchmark, where one bucket sized by the busiest group needed 1.25M and 1.5M). Past the last branch
+  (heavy skew) the fallback is `tiled` with tiles of >= 128 rows, so it stays dropless for any group sizes.
+  Its own `custom_vjp`, see `_bucketed`.
 - `pallas`: the Pallas kernel of `pallas_kernels.gmm` (its own issue).
 `auto` picks `ragged_dot` on TPU and `bucketed` elsewhere. CPU: it keeps the MoE block's step time nearly flat
-in the number of experts at equal active parameters, where `tiled` grows 1.7x from 8 to 64 experts
+in the number of experts at equal active parameters, where `tiled` grows 1.5x from 8 to 64 experts
 (docs/benchmarks.md, MoE scaling). GPU: on an H200 (jax 0.11.2, bf16, 21B-A3B up-proj: M 24576, K 2560,
-N 1536, 64 groups, max / mean group 1.4 and 2.5) `bucketed` took 0.95 / 1.5 ms forward and 2.4 / 3.7 ms
-forward+backward, `tiled` 1.9 and 12.5 ms, `ragged_dot` 16.5 and 106 ms. Rows past sum(group_sizes) come out
+N 1536, 64 groups, max / mean group 1.4 and 2.5) the previous bucket-only layout of `bucketed` took 0.95 /
+1.5 ms forward and 2.4 / 3.7 ms forward+backward, `tiled` 1.9 and 12.5 ms, `ragged_dot` 16.5 and 106 ms
+(not re-measured with the overflow tiles). Rows past sum(group_sizes) come out
 zero; sum(group_sizes) <= M is assumed. `bucketed` (a custom_vjp) supports reverse-mode autodiff and vmap,
 not forward mode (`jax.jvp`).
 """
@@ -39,6 +42,13 @@ def default_tile(m: int, g: int) -> int:
     return int(min(512, max(8, 2 ** math.floor(math.log2(max(1, m // g))))))
 
 
+def _group_of(ends: jax.Array, length: int) -> jax.Array:
+    """[length]: for each position p, the number of `ends` <= p, i.e. the group that p falls into when group g
+    ends (exclusive) at ends[g] (= searchsorted(ends, p, side="right"), as a scatter of counts and a cumsum:
+    cheaper to compile than searchsorted's loop)."""
+    return jnp.cumsum(jnp.zeros(length, jnp.int32).at[ends].add(1, mode="drop"))
+
+
 def _tiled(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, tile: int) -> jax.Array:
     m, g = lhs.shape[0], rhs.shape[0]
     num_tiles = -(-m // tile) + g  # sum_g ceil(size_g / tile) <= M / tile + G
@@ -48,9 +58,9 @@ def _tiled(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, tile: int) ->
     tile_ends = jnp.cumsum(tiles_per_group)
     padded_starts = (tile_ends - tiles_per_group) * tile  # first padded row of each group
     # padded row r -> (its group, the sorted row it holds or -1)
-    tile_group = jnp.minimum(jnp.searchsorted(tile_ends, jnp.arange(num_tiles), side="right"), g - 1)
+    tile_group = jnp.minimum(_group_of(tile_ends, num_tiles), g - 1)
     r = jnp.arange(num_tiles * tile)
-    rg = jnp.repeat(tile_group, tile)
+    rg = jnp.broadcast_to(tile_group[:, None], (num_tiles, tile)).reshape(-1)
     offset = r - padded_starts[rg]
     valid = (offset < sizes[rg]) & (r < tile_ends[-1] * tile)
     src = jnp.where(valid, starts[rg] + offset, 0)
@@ -58,80 +68,130 @@ def _tiled(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, tile: int) ->
     y = jnp.einsum("TMK,TKN->TMN", x, rhs[tile_group], preferred_element_type=jnp.float32)
     # sorted row i -> its padded row; rows past sum(group_sizes) are zero
     row = jnp.arange(m)
-    row_group = jnp.minimum(jnp.searchsorted(jnp.cumsum(sizes), row, side="right"), g - 1)
+    row_group = jnp.minimum(_group_of(jnp.cumsum(sizes), m), g - 1)
     pos = padded_starts[row_group] + row - starts[row_group]
     out = y.reshape(num_tiles * tile, -1)[pos]
     return jnp.where((row < jnp.sum(sizes))[:, None], out, 0)
 
 
 # --- bucketed ----------------------------------------------------------------------------------------------
-# Bucket capacities as multiples of the mean group size M / G. The step time of a branch is ~ f * M rows of
-# matmul, so finer factors waste less padding at the price of one more branch to compile (forward and backward).
-BUCKET_FACTORS = (1.25, 1.5, 2.0, 3.0)
+# A branch (c, n, t) lays the sorted rows out as buckets [G, c] (group g's first c rows, then zeros), one batched
+# matmul against rhs as is, and n overflow tiles [n, t] holding the rows past c of the groups larger than c
+# (each tile one group's, against its gathered weight rhs[tile_group]). Its work is G * c + n * t rows, plus
+# per tile its expert weight gathered, packed and its gradient added back (on the 2-core CPU host of
+# docs/benchmarks.md a tile costs ~30 rows more than its own). So c near the mean group size with a few tiles
+# for the busy experts beats one bucket sized by the busiest expert (1.4x the mean at 64 experts with the
+# loads of docs/benchmarks.md, MoE scaling).
+# (c, n, t) per branch as (c / mean group, n / G, t / mean group): at c = mean about half the groups overflow,
+# each by a little (small tiles, many); past c = 1.125 x mean only the tail does. Every branch is compiled
+# (forward and backward), so the list is short; loads past the last branch take the `tiled` fallback.
+BRANCH_SPECS = ((1.0, 1 / 2, 1 / 8), (1.125, 1 / 4, 1 / 4), (1.25, 1 / 4, 1 / 4), (1.5, 1 / 4, 1 / 4),
+                (2.0, 1 / 4, 1 / 4))
+TILE_RANGE = (16, 128)  # overflow tile rows: a power of two in this range
 FALLBACK_MIN_TILE = 128  # the skewed fallback's tile: few tiles, so few gathered expert weights
 
 
-def bucket_capacities(m: int, g: int) -> tuple[int, ...]:
-    """Rows per group of each bucketed branch, ascending: ceil8(f * M / G) for f in BUCKET_FACTORS, at most M."""
-    return tuple(sorted({min(m, 8 * math.ceil(f * m / g / 8)) for f in BUCKET_FACTORS}))
+def bucket_branches(m: int, g: int) -> tuple[tuple[int, int, int], ...]:
+    """(c, n, t) of each bucketed branch by ascending rows G * c + n * t, from BRANCH_SPECS with the mean group
+    size M / G: c = ceil8(f * mean) (at most M), n = ceil(v * G), t = the power of two <= u * mean in TILE_RANGE
+    (at most ceil8(M)). A branch with c = M (holds any group, no tiles) ends the list."""
+    mean = m / g
+    out = set()
+    for f, v, u in BRANCH_SPECS:
+        c = min(m, 8 * math.ceil(f * mean / 8))
+        t = 2 ** math.floor(math.log2(max(1.0, u * mean)))
+        t = min(TILE_RANGE[1], max(TILE_RANGE[0], t), 8 * math.ceil(m / 8))
+        out.add((c, 0, 0) if c == m else (c, math.ceil(v * g), t))  # c = M holds any group: no tiles
+    branches = sorted(out, key=lambda b: (g * b[0] + b[1] * b[2], b))
+    full = next((i for i, b in enumerate(branches) if b[0] == m), len(branches))
+    return tuple(branches[:full + 1])  # none after c = M is ever taken
 
 
-def bucket_branch(group_sizes: jax.Array, caps: tuple[int, ...]) -> jax.Array:
-    """Index of the smallest capacity >= max(group_sizes); len(caps) (the `tiled` fallback) if none is."""
-    return jnp.searchsorted(jnp.asarray(caps, jnp.int32), jnp.max(group_sizes), side="left").astype(jnp.int32)
+def overflow_tiles(group_sizes: jax.Array, c: int, t: int) -> jax.Array:
+    """[] the tiles of t rows that the rows past c of every group fill."""
+    return jnp.sum(-(-jnp.maximum(group_sizes.astype(jnp.int32) - c, 0) // max(t, 1)))
+
+
+def bucket_branch(group_sizes: jax.Array, branches: tuple[tuple[int, int, int], ...]) -> jax.Array:
+    """Index of the first branch whose n overflow tiles hold every group's rows past c; len(branches) (the
+    `tiled` fallback) if none does."""
+    fits = jnp.stack([overflow_tiles(group_sizes, c, t) <= n for c, n, t in branches])
+    return jnp.where(jnp.any(fits), jnp.argmax(fits), len(branches)).astype(jnp.int32)
 
 
 def _fallback_tile(m: int, g: int, tile: int) -> int:
     return tile or min(max(FALLBACK_MIN_TILE, default_tile(m, g)), 8 * max(1, -(-m // 8)))
 
 
-def _bucket_maps(sizes: jax.Array, m: int, c: int):
-    """Index maps between the sorted rows [M] and the buckets [G * C] (bucket g holds group g's rows, then zeros).
+def _bucket_maps(sizes: jax.Array, m: int, c: int, n: int, t: int):
+    """Index maps between the sorted rows [M] and a branch's rows [R = G * c + n * t] (buckets, then tiles).
 
-    src[b], valid[b]: the sorted row that bucket row b holds (valid only for b's first sizes[g] rows);
-    pos[r], rvalid[r]: the bucket row that sorted row r went to (valid for r < sum(sizes)). Both directions are
-    gathers, so neither the forward nor the backward pass needs a scatter.
+    src[b], valid[b]: the sorted row that branch row b holds; pos[r], rvalid[r]: the branch row that sorted row
+    r went to (valid for r < sum(sizes)); tile_group[n]: each tile's group (G - 1 for unused, all-zero tiles).
+    Both directions are gathers, so neither the forward nor the backward pass needs a scatter of rows.
     """
     g = sizes.shape[0]
     ends = jnp.cumsum(sizes)
     starts = ends - sizes
     j = jnp.arange(c)
-    valid = (j[None, :] < sizes[:, None]).reshape(-1)
-    src = jnp.where(valid, (starts[:, None] + j[None, :]).reshape(-1), 0)
+    bvalid = (j[None, :] < sizes[:, None]).reshape(-1)
+    bsrc = (starts[:, None] + j[None, :]).reshape(-1)
+    over = jnp.maximum(sizes - c, 0)  # rows past the bucket, padded to whole tiles
+    tiles = -(-over // t)
+    tile_ends = jnp.cumsum(tiles)
+    tile_starts = tile_ends - tiles
+    tile_group = jnp.minimum(_group_of(tile_ends, n), g - 1)
+    r = jnp.arange(n * t)
+    rg = jnp.broadcast_to(tile_group[:, None], (n, t)).reshape(-1)
+    off = r - tile_starts[rg] * t  # position among group rg's overflow rows
+    ovalid = (off < over[rg]) & (r < tile_ends[-1] * t)
+    valid = jnp.concatenate([bvalid, ovalid])
+    src = jnp.where(valid, jnp.concatenate([bsrc, starts[rg] + c + off]), 0)
     row = jnp.arange(m)
-    row_group = jnp.minimum(jnp.searchsorted(ends, row, side="right"), g - 1)
+    row_group = jnp.minimum(_group_of(ends, m), g - 1)
     offset = row - starts[row_group]
-    # offset < c always holds in the branch that `bucket_branch` picks; the check keeps the other branches
-    # in range when vmap turns the switch into a select that evaluates all of them
-    rvalid = (row < ends[-1]) & (offset < c)
-    pos = jnp.where(rvalid, row_group * c + offset, 0)
-    return src, valid, pos, rvalid
+    pos = jnp.where(offset < c, row_group * c + offset, g * c + tile_starts[row_group] * t + offset - c)
+    # pos < R always holds in the branch that `bucket_branch` picks; the check keeps the other branches in range
+    # when vmap turns the switch into a select that evaluates all of them
+    rvalid = (row < ends[-1]) & (pos < g * c + n * t)
+    return src, valid, jnp.where(rvalid, pos, 0), rvalid, tile_group
 
 
-def _to_buckets(a: jax.Array, src: jax.Array, valid: jax.Array, g: int, c: int) -> jax.Array:
-    """[M, D] sorted rows -> [G, C, D], padding rows zero."""
-    return jnp.where(valid[:, None], a[src], 0).reshape(g, c, a.shape[-1])
+def _gather(a: jax.Array, src: jax.Array, valid: jax.Array) -> jax.Array:
+    """a[src] with the rows where not valid zero."""
+    return jnp.where(valid[:, None], a[src], 0)
 
 
-def _from_buckets(y: jax.Array, pos: jax.Array, rvalid: jax.Array) -> jax.Array:
-    """[G, C, D] -> [M, D] sorted rows, rows past sum(group_sizes) zero."""
-    return jnp.where(rvalid[:, None], y.reshape(-1, y.shape[-1])[pos], 0)
+def _split(a: jax.Array, g: int, c: int, n: int, t: int) -> tuple[jax.Array, jax.Array]:
+    """Branch rows [R, D] -> buckets [G, c, D], tiles [n, t, D]."""
+    return a[:g * c].reshape(g, c, a.shape[-1]), a[g * c:].reshape(n, t, a.shape[-1])
 
 
-def _bucket_fwd(c: int, lhs: jax.Array, rhs: jax.Array, sizes: jax.Array) -> jax.Array:
+def _bmm(spec: str, b: jax.Array, o: jax.Array, wb: jax.Array, wo: jax.Array) -> jax.Array:
+    """The same einsum on the buckets (weights wb) and the tiles (wo), joined into rows [R, N]."""
+    y = [jnp.einsum(spec, x, w, preferred_element_type=jnp.float32) for x, w in ((b, wb), (o, wo)) if x.size]
+    return jnp.concatenate([a.reshape(-1, a.shape[-1]) for a in y])
+
+
+def _bucket_fwd(c: int, n: int, t: int, lhs: jax.Array, rhs: jax.Array, sizes: jax.Array) -> jax.Array:
     g = rhs.shape[0]
-    src, valid, pos, rvalid = _bucket_maps(sizes, lhs.shape[0], c)
-    y = jnp.einsum("GCK,GKN->GCN", _to_buckets(lhs, src, valid, g, c), rhs, preferred_element_type=jnp.float32)
-    return _from_buckets(y, pos, rvalid).astype(lhs.dtype)
+    src, valid, pos, rvalid, tile_group = _bucket_maps(sizes, lhs.shape[0], c, n, t)
+    xb, xo = _split(_gather(lhs, src, valid), g, c, n, t)
+    y = _bmm("GCK,GKN->GCN", xb, xo, rhs, rhs[tile_group])
+    return _gather(y, pos, rvalid).astype(lhs.dtype)
 
 
-def _bucket_bwd(c: int, lhs: jax.Array, rhs: jax.Array, sizes: jax.Array, dy: jax.Array):
+def _bucket_bwd(c: int, n: int, t: int, lhs: jax.Array, rhs: jax.Array, sizes: jax.Array, dy: jax.Array):
     g = rhs.shape[0]
-    src, valid, pos, rvalid = _bucket_maps(sizes, lhs.shape[0], c)
-    dyb = _to_buckets(dy, src, valid, g, c)  # [G, C, N]; zero on padding rows, so they add nothing to dw
-    dx = jnp.einsum("GCN,GKN->GCK", dyb, rhs, preferred_element_type=jnp.float32)
-    dw = jnp.einsum("GCK,GCN->GKN", _to_buckets(lhs, src, valid, g, c), dyb, preferred_element_type=jnp.float32)
-    return _from_buckets(dx, pos, rvalid).astype(lhs.dtype), dw.astype(rhs.dtype)
+    src, valid, pos, rvalid, tile_group = _bucket_maps(sizes, lhs.shape[0], c, n, t)
+    wo = rhs[tile_group]
+    xb, xo = _split(_gather(lhs, src, valid), g, c, n, t)
+    db, do = _split(_gather(dy, src, valid), g, c, n, t)  # zero on padding rows: they add nothing to dw
+    dx = _bmm("GCN,GKN->GCK", db, do, rhs, wo)
+    dw = jnp.einsum("GCK,GCN->GKN", xb, db, preferred_element_type=jnp.float32)
+    if n:
+        dw = dw.at[tile_group].add(jnp.einsum("TCK,TCN->TKN", xo, do, preferred_element_type=jnp.float32))
+    return _gather(dx, pos, rvalid).astype(lhs.dtype), dw.astype(rhs.dtype)
 
 
 def _fallback_fwd(tile: int, lhs: jax.Array, rhs: jax.Array, sizes: jax.Array) -> jax.Array:
@@ -167,26 +227,27 @@ def _sum_to(ct: jax.Array, primal: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _bucketed(lhs: jax.Array, rhs: jax.Array, sizes: jax.Array, caps: tuple[int, ...], tile: int) -> jax.Array:
-    """The `bucketed` grouped matmul; sizes int32. caps: bucket_capacities(M, G); tile: the fallback's tile.
+def _bucketed(lhs: jax.Array, rhs: jax.Array, sizes: jax.Array, branches: tuple[tuple[int, int, int], ...],
+              tile: int) -> jax.Array:
+    """The `bucketed` grouped matmul; sizes int32. branches: bucket_branches(M, G); tile: the fallback's tile.
 
     A custom_vjp because differentiating `lax.switch` directly makes its forward return the residuals of every
     branch (zeros for those not taken, [G, C, K]-sized for each bucket) and its backward carry them all. Here
     the forward keeps only (lhs, rhs, sizes) and the backward is a second switch on the same index, each
-    branch regathering what it needs: dx = buckets(dy) @ rhs^T, dw = buckets(lhs)^T @ buckets(dy).
+    branch regathering what it needs: dx = rows(dy) @ rhs^T, dw = rows(lhs)^T @ rows(dy) (tiles summed per group).
     """
-    branches = [functools.partial(_bucket_fwd, c) for c in caps] + [functools.partial(_fallback_fwd, tile)]
-    return jax.lax.switch(bucket_branch(sizes, caps), branches, *_all_varying(lhs, rhs, sizes))
+    fns = [functools.partial(_bucket_fwd, *b) for b in branches] + [functools.partial(_fallback_fwd, tile)]
+    return jax.lax.switch(bucket_branch(sizes, branches), fns, *_all_varying(lhs, rhs, sizes))
 
 
-def _bucketed_fwd(lhs, rhs, sizes, caps, tile):
-    return _bucketed(lhs, rhs, sizes, caps, tile), (lhs, rhs, sizes)
+def _bucketed_fwd(lhs, rhs, sizes, branches, tile):
+    return _bucketed(lhs, rhs, sizes, branches, tile), (lhs, rhs, sizes)
 
 
-def _bucketed_bwd(caps, tile, res, dy):
+def _bucketed_bwd(branches, tile, res, dy):
     lhs, rhs, sizes = res
-    branches = [functools.partial(_bucket_bwd, c) for c in caps] + [functools.partial(_fallback_bwd, tile)]
-    dx, dw = jax.lax.switch(bucket_branch(sizes, caps), branches, *_all_varying(lhs, rhs, sizes, dy))
+    fns = [functools.partial(_bucket_bwd, *b) for b in branches] + [functools.partial(_fallback_bwd, tile)]
+    dx, dw = jax.lax.switch(bucket_branch(sizes, branches), fns, *_all_varying(lhs, rhs, sizes, dy))
     return _sum_to(dx, lhs), _sum_to(dw, rhs), None  # no cotangent for the integer group sizes
 
 
@@ -207,7 +268,7 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, im
         out = _tiled(lhs, rhs, group_sizes, tile or default_tile(lhs.shape[0], rhs.shape[0]))
     elif impl == "bucketed":
         m, g = lhs.shape[0], rhs.shape[0]
-        out = _bucketed(lhs, rhs, group_sizes.astype(jnp.int32), bucket_capacities(m, g), _fallback_tile(m, g, tile))
+        out = _bucketed(lhs, rhs, group_sizes.astype(jnp.int32), bucket_branches(m, g), _fallback_tile(m, g, tile))
     elif impl == "pallas":
         from pallas_kernels.gmm import gmm  # noqa: PLC0415  (optional until the kernel lands)
         out = gmm(lhs, rhs, group_sizes, preferred_element_type=jnp.float32)

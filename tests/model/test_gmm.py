@@ -2,16 +2,19 @@
 
 The `tiled` path re-tiles the sorted rows per group with index arithmetic, which is exactly where off-by-one
 errors hide: empty groups, groups shorter than a tile, M not a multiple of the tile, rows past the groups.
-`bucketed` picks one of several bucket sizes (or the `tiled` fallback) at run time and has its own
-custom_vjp: every branch is checked, at and just past each capacity, and under vmap.
+`bucketed` picks one of a few layouts (per-group buckets of c rows plus overflow tiles for the rows past c) or
+the `tiled` fallback at run time and has its own custom_vjp: every branch is checked, with its tiles unused,
+partly and exactly full, at and just past each branch's limit, on random skewed loads, and under vmap.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ernie_jax.model.gmm import bucket_branch, bucket_capacities, default_tile, grouped_matmul
+from ernie_jax.model.gmm import bucket_branch, bucket_branches, default_tile, grouped_matmul, overflow_tiles
 
 K, N = 16, 8
 
@@ -56,15 +59,16 @@ def test_values_and_gradients_match_per_group_loop(impl, case):
     _check_against_oracle(impl, sizes, m, tile)
 
 
+@functools.partial(jax.jit, static_argnames=("impl", "tile"))
+def _run(lhs, rhs, gs, cot, *, impl, tile):
+    """out and the gradients of sum(out * cot); compiled once per shape, impl and tile (group sizes are traced)."""
+    f = lambda a, b: jnp.sum(grouped_matmul(a, b, gs, impl=impl, tile=tile) * cot)  # noqa: E731
+    return grouped_matmul(lhs, rhs, gs, impl=impl, tile=tile), *jax.grad(f, argnums=(0, 1))(lhs, rhs)
+
+
 def _check_against_oracle(impl, sizes, m, tile):
     lhs, rhs, gs, cot = _inputs(sizes, m)
-
-    @jax.jit
-    def run(lhs, rhs, gs, cot):
-        f = lambda a, b: jnp.sum(grouped_matmul(a, b, gs, impl=impl, tile=tile) * cot)  # noqa: E731
-        return grouped_matmul(lhs, rhs, gs, impl=impl, tile=tile), *jax.grad(f, argnums=(0, 1))(lhs, rhs)
-
-    out, dl, dr = run(lhs, rhs, gs, cot)
+    out, dl, dr = _run(lhs, rhs, gs, cot, impl=impl, tile=tile)
     ref_out, ref_dl, ref_dr = _oracle(lhs, rhs, sizes, cot)
     assert out.shape == (m, N) and out.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(out), ref_out, atol=1e-5, rtol=1e-5)
@@ -101,33 +105,59 @@ def test_unknown_impl_is_an_error():
         grouped_matmul(lhs, rhs, gs, impl="nope")
 
 
-# bucketed: M = 64, G = 4, mean group 16 -> capacities ceil8(1.25, 1.5, 2, 3 x 16) = (24, 32, 48), fallback 3
+# bucketed: M = 256, G = 8, mean group 32 -> branches (c, n, t) = (32, 4, 16), (40, 2, 16), (48, 2, 16), (64, 2, 16)
+# (buckets of c rows, n overflow tiles of t rows), then the tiled fallback 4
+M_BRANCH = 256
 BRANCH_CASES = {  # name: (group_sizes, expected branch)
-    "balanced": ([16, 16, 16, 16], 0),
-    "at_first_capacity": ([24, 0, 20, 10], 0),  # max == 24, an empty group, 10 trailing rows
-    "past_first_capacity": ([25, 0, 7, 30], 1),  # 30 > 24: second bucket
-    "just_past_second": ([33, 31, 0, 0], 2),
-    "at_last_capacity": ([0, 0, 16, 48], 2),
-    "skewed_fallback": ([0, 60, 0, 4], 3),  # 60 > 48: the tiled fallback
-    "one_giant_group_fallback": ([0, 0, 64, 0], 3),
-    "fallback_with_trailing_rows": ([50, 1, 0, 0], 3),
+    "balanced": ([32] * 8, 0),  # every tile unused
+    "overflow_into_tiles": ([40, 24, 32, 32, 36, 28, 32, 32], 0),  # two partial tiles of two groups
+    "one_group_over_three_tiles": ([80, 16, 16, 32, 32, 32, 32, 16], 0),  # 48 rows past c, one tile unused
+    "tiles_exactly_full": ([96, 0, 32, 32, 32, 32, 32, 0], 0),  # 64 rows past c = 4 whole tiles, empty groups
+    "too_many_groups_over": ([40, 40, 40, 40, 40, 24, 16, 16], 1),  # 5 tiles at c = 32; none past c = 40
+    "second_with_a_tile": ([56, 40, 40, 40, 40, 24, 16, 0], 1),  # 6 tiles at c = 32, 1 at c = 40
+    "third": ([72, 48, 40, 40, 24, 16, 16, 0], 2),  # 6 tiles at 32, 3 at 40, 2 at 48
+    "last_bucket": ([90, 64, 40, 40, 22, 0, 0, 0], 3),  # 4 tiles at 48, 2 at 64
+    "trailing_rows": ([40, 0, 30, 20, 0, 10, 0, 0], 0),  # sum 100 < M: rows past it are zero
+    "skewed_fallback": ([200, 56, 0, 0, 0, 0, 0, 0], 4),  # 9 tiles past c = 64
+    "one_giant_group_fallback": ([0, 0, 256, 0, 0, 0, 0, 0], 4),
+    "fallback_with_trailing_rows": ([150, 1, 0, 0, 0, 0, 0, 0], 4),
 }
 
 
-def test_bucket_capacities():
-    assert bucket_capacities(64, 4) == (24, 32, 48)
-    assert bucket_capacities(4096, 64) == (80, 96, 128, 192)
-    assert bucket_capacities(10, 1) == (10,)  # never more than M rows per group
-    assert bucket_capacities(12, 5) == (8,)  # ceil8 of 3, 3.6, 4.8, 7.2: one bucket
-    assert bucket_capacities(20, 2) == (16, 20)  # ceil8 of 12.5, 15, 20, 30, capped at M = 20
+def test_bucket_branches():
+    assert bucket_branches(M_BRANCH, 8) == ((32, 4, 16), (40, 2, 16), (48, 2, 16), (64, 2, 16))
+    # the benchmark's 64-expert shape: c = mean with G / 2 tiles of mean / 8, then the tail's G / 4 tiles of mean / 4
+    assert bucket_branches(16384, 64) == ((256, 32, 32), (288, 16, 64), (320, 16, 64), (384, 16, 64), (512, 16, 64))
+    assert bucket_branches(10, 1) == ((10, 0, 0),)  # never more than M rows per group, no tiles then
+    assert bucket_branches(20, 2) == ((20, 0, 0),)  # c = M (40 rows) beats (16, 1, 16) (48 rows) and ends the list
+    assert bucket_branches(12, 5) == ((8, 2, 16), (8, 3, 16))  # tiles never beyond ceil8(M) = 16 rows
 
 
-@pytest.mark.parametrize("tile", [0, 8])  # the fallback's tile: from shapes (64 here), or the one given
+def test_overflow_tiles():
+    sizes = jnp.asarray([40, 24, 32, 32, 80, 0, 33, 0])
+    assert int(overflow_tiles(sizes, 32, 16)) == 1 + 3 + 1  # ceil(8 / 16) + ceil(48 / 16) + ceil(1 / 16)
+    assert int(overflow_tiles(sizes, 80, 16)) == 0
+
+
+@pytest.mark.parametrize("tile", [0, 8])  # the fallback's tile: from shapes (128 here), or the one given
 @pytest.mark.parametrize("case", BRANCH_CASES)
 def test_bucketed_every_branch(case, tile):
     sizes, branch = BRANCH_CASES[case]
-    assert int(bucket_branch(jnp.asarray(sizes), bucket_capacities(64, 4))) == branch
-    _check_against_oracle("bucketed", sizes, 64, tile)
+    assert sum(sizes) <= M_BRANCH
+    assert int(bucket_branch(jnp.asarray(sizes), bucket_branches(M_BRANCH, 8))) == branch
+    _check_against_oracle("bucketed", sizes, M_BRANCH, tile)
+
+
+def test_bucketed_random_skewed_loads():
+    """Dirichlet loads from near-balanced to one hot expert, some with rows past the groups: every branch
+    kind gets hit (the test asserts it) and matches the oracle."""
+    rng, branches, hit = np.random.RandomState(0), bucket_branches(M_BRANCH, 8), set()
+    for alpha in (100.0, 30.0, 10.0, 3.0, 1.0, 0.3):
+        for trailing in (0, 37):
+            sizes = rng.multinomial(M_BRANCH - trailing, rng.dirichlet([alpha] * 8)).tolist()
+            hit.add(int(bucket_branch(jnp.asarray(sizes), branches)))
+            _check_against_oracle("bucketed", sizes, M_BRANCH, 0)
+    assert {0, len(branches)} <= hit and len(hit) >= 3, hit  # tiles at c = mean, a larger bucket, the fallback
 
 
 def _conds(jaxpr):
@@ -145,18 +175,18 @@ def _conds(jaxpr):
 
 def test_bucketed_switch_carries_no_residuals():
     """The custom_vjp keeps the switches lean: forward returns out, backward (dx, dw), no per-branch residuals."""
-    lhs, rhs, gs, cot = _inputs([16, 16, 16, 16], 64)
+    lhs, rhs, gs, cot = _inputs(BRANCH_CASES["balanced"][0], M_BRANCH)
     f = lambda a, b: jnp.sum(grouped_matmul(a, b, gs, impl="bucketed") * cot)  # noqa: E731
     conds = list(_conds(jax.make_jaxpr(jax.value_and_grad(f, argnums=(0, 1)))(lhs, rhs).jaxpr))
     assert sorted(len(c.outvars) for c in conds) == [1, 2]
-    assert all(len(c.params["branches"]) == 4 for c in conds)  # 3 capacities + the fallback
+    assert all(len(c.params["branches"]) == 5 for c in conds)  # 4 branches + the fallback
 
 
 def test_bucketed_under_vmap():
     """vmap over lhs and group sizes (a batched switch index becomes a select over every branch), and over
     lhs alone with shared group sizes; values and gradients per batch element against the oracle."""
-    batch = [BRANCH_CASES[c][0] for c in ("at_first_capacity", "past_first_capacity", "skewed_fallback")]
-    ins = [_inputs(s, 64, seed=i) for i, s in enumerate(batch)]
+    batch = [BRANCH_CASES[c][0] for c in ("overflow_into_tiles", "third", "skewed_fallback")]
+    ins = [_inputs(s, M_BRANCH, seed=i) for i, s in enumerate(batch)]
     rhs = ins[0][1]
     lhs, gs, cot = (jnp.stack([x[i] for x in ins]) for i in (0, 2, 3))
 
@@ -186,10 +216,10 @@ def test_bucketed_in_shard_map_shards_take_different_branches():
     from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: PLC0415
 
     mesh = jax.make_mesh((2,), ("x",), devices=jax.devices()[:2])
-    batch = [BRANCH_CASES[c][0] for c in ("balanced", "skewed_fallback")]  # branch 0 and the fallback
-    ins = [_inputs(s, 64, seed=i) for i, s in enumerate(batch)]
+    batch = [BRANCH_CASES[c][0] for c in ("overflow_into_tiles", "skewed_fallback")]  # branch 0 and the fallback
+    ins = [_inputs(s, M_BRANCH, seed=i) for i, s in enumerate(batch)]
     rhs = ins[0][1]
-    lhs, gs, cot = (jnp.concatenate([x[i] for x in ins]) for i in (0, 2, 3))  # shard i = rows 64i..64i+63
+    lhs, gs, cot = (jnp.concatenate([x[i] for x in ins]) for i in (0, 2, 3))  # shard i = rows 256i..256i+255
 
     def local(a, b, s, c):
         out = grouped_matmul(a, b, s, impl="bucketed")
