@@ -138,7 +138,9 @@ def test_model_flashmask_sharded_aot(mode):
 
     devices = virtual_tpu_devices("v5p:2x2x1")
     mesh = make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1), devices=devices)
-    cfg = ernie_jax.get_preset("tiny", head_dim=128, dtype="bfloat16", attention_impl="flashmask")
+    # 6 layers: stacks of <= 4 are unrolled (decoder.LayerStack), deeper ones stay one scan
+    cfg = ernie_jax.get_preset("tiny", num_hidden_layers=6, head_dim=128, dtype="bfloat16",
+                               attention_impl="flashmask")
     graphdef, abs_state = nnx.split(abstract_model(cfg))
     shardings = param_shardings(abs_state, mesh, resolve_rules("fsdp"))
     batch = NamedSharding(mesh, P(("data", "fsdp", "expert"), None))
