@@ -163,7 +163,7 @@ def test_per_row_layout_equals_flat(hf_and_ours):
     _, ours, _ = hf_and_ours
     prompts = _prompts()["two_images"]
     inp = _inputs("two_images")
-    flat = ours(**{k: jnp.asarray(v) for k, v in inp.items()}).logits  # eager: the placeholder count check runs
+    flat = _forward(ours, inp)[0]
     # row 0 holds both images, row 1 none: [2, P=40, D] with padding patches, [2, 3, 3] with padding grid rows
     visions = [[s for s in p if isinstance(s, Vision)] for p in prompts]
     p_max, n_max = 64, 3  # row 0's images have 24 + 32 patches
@@ -180,3 +180,17 @@ def test_per_row_layout_equals_flat(hf_and_ours):
     per_row = _forward(ours, row_inp)[0]  # jitted: traced grids
     m = np.asarray(inp["attention_mask"]).astype(bool)
     np.testing.assert_allclose(np.asarray(per_row)[m], np.asarray(flat)[m], atol=1e-5)
+
+
+def test_placeholder_count_mismatch_names_the_row():
+    """Concrete inputs: placeholders and adapter tokens must agree (per row in the per-row layout)."""
+    from ernie_jax.model.vl import _fill_placeholders
+    x = jnp.zeros((2, 5, 4))
+    is_ph = jnp.asarray([[0, 1, 1, 0, 0], [0, 1, 0, 0, 0]], bool)
+    feats = jnp.ones((2, 3, 4))
+    _fill_placeholders(x, is_ph, feats, jnp.asarray([[1, 1, 0], [1, 0, 0]], bool), "image")  # counts agree
+    with pytest.raises(ValueError, match="image placeholders and image features do not match in row 1: 1 "
+                                         "placeholder tokens, 2 image tokens"):
+        _fill_placeholders(x, is_ph, feats, jnp.asarray([[1, 1, 0], [1, 1, 0]], bool), "image")
+    with pytest.raises(ValueError, match="in the batch: 3 placeholder tokens, 2"):
+        _fill_placeholders(x, is_ph, feats[0], jnp.asarray([1, 1, 0], bool), "image")
