@@ -49,7 +49,7 @@ def get_config(stage: str = "joint") -> ConfigDict:
         c.samples = 4
     else:
         c.data = ConfigDict({"kind": "vqa", "seq_len": 128, "global_batch_size": 16, "max_patches_per_row": 256,
-                             "max_images_per_row": 8, "max_docs_per_row": 8})
+                             "max_images_per_row": 8, "max_docs_per_row": 8, "answer_only_loss": False})
     if stage == "vision":
         c.optimizer.trainable = list(_VISION_PARAMS)
     return c
