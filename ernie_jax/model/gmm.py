@@ -11,19 +11,19 @@ Implementations, chosen by `ErnieConfig.moe_gmm_impl`:
   `rhs` as is, and the rows past c of the busier groups go to n overflow tiles of t rows, [n, t, K], each
   tile one group's (a weight gather per tile). (c, n, t) is one of a few branches (c from the mean group
   size M / G to 2x it), the cheapest whose tiles hold the overflow, picked at run time with `lax.switch`.
-  Work is G * c + n * t rows (about 1.03M at 8 and 1.19M at 64 experts with the loads of the MoE
+  Work is G * c + n * t rows (1.03M at 8 and 1.09M at 64 experts with the 4096-token loads of the MoE
   benchmark, where one bucket sized by the busiest group needed 1.25M and 1.5M). Past the last branch
   (heavy skew) the fallback is `tiled` with tiles of >= 128 rows, so it stays dropless for any group sizes.
   Its own `custom_vjp`, see `_bucketed`.
 - `pallas`: the Pallas kernel of `pallas_kernels.gmm` (its own issue).
-`auto` picks `ragged_dot` on TPU and `bucketed` elsewhere. CPU: it keeps the MoE block's step time nearly flat
-in the number of experts at equal active parameters, where `tiled` grows 1.5x from 8 to 64 experts
-(docs/benchmarks.md, MoE scaling). GPU: on an H200 (jax 0.11.2, bf16, 21B-A3B up-proj: M 24576, K 2560,
-N 1536, 64 groups, max / mean group 1.4 and 2.5) the previous bucket-only layout of `bucketed` took 0.95 /
-1.5 ms forward and 2.4 / 3.7 ms forward+backward, `tiled` 1.9 and 12.5 ms, `ragged_dot` 16.5 and 106 ms
-(not re-measured with the overflow tiles). Rows past sum(group_sizes) come out
-zero; sum(group_sizes) <= M is assumed. `bucketed` (a custom_vjp) supports reverse-mode autodiff and vmap,
-not forward mode (`jax.jvp`).
+`auto` picks `ragged_dot` on TPU and `bucketed` elsewhere. CPU: from 8 to 64 experts at equal active
+parameters the MoE block's step time grows ~1.15-1.25x at 4096 tokens (the no-dispatch floor ~1.0-1.07x) and
+~1.3-1.4x at 1024 tokens (the floor as much), `tiled`'s 1.4-1.9x (docs/benchmarks.md, MoE scaling).
+GPU: on an H200 (jax 0.11.2, bf16, 21B-A3B up-proj: M 24576, K 2560, N 1536, 64 groups, max / mean group
+1.4 and 2.5) the previous bucket-only layout of `bucketed` took 0.95 / 1.5 ms forward and 2.4 / 3.7 ms
+forward+backward, `tiled` 1.9 and 12.5 ms, `ragged_dot` 16.5 and 106 ms (not re-measured with the overflow
+tiles). Rows past sum(group_sizes) come out zero; sum(group_sizes) <= M is assumed. `bucketed` (a
+custom_vjp) supports reverse-mode autodiff and vmap, not forward mode (`jax.jvp`).
 """
 
 from __future__ import annotations
@@ -77,24 +77,25 @@ def _tiled(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, tile: int) ->
 # --- bucketed ----------------------------------------------------------------------------------------------
 # A branch (c, n, t) lays the sorted rows out as buckets [G, c] (group g's first c rows, then zeros), one batched
 # matmul against rhs as is, and n overflow tiles [n, t] holding the rows past c of the groups larger than c
-# (each tile one group's, against its gathered weight rhs[tile_group]). Its work is G * c + n * t rows, plus
-# per tile its expert weight gathered, packed and its gradient added back (on the 2-core CPU host of
-# docs/benchmarks.md a tile costs ~30 rows more than its own). So c near the mean group size with a few tiles
-# for the busy experts beats one bucket sized by the busiest expert (1.4x the mean at 64 experts with the
-# loads of docs/benchmarks.md, MoE scaling).
+# (each tile one group's, against its gathered weight rhs[tile_group]). Besides its t rows a tile costs its
+# expert weight gathered, packed and its gradient added back: about TILE_OVERHEAD rows of matmul on the 2-core
+# CPU host of docs/benchmarks.md (measured from unused tiles). So c at the mean group size with tiles for the
+# busier experts beats one bucket sized by the busiest expert (1.4x the mean at 64 experts with the loads of
+# docs/benchmarks.md, MoE scaling), and the branches are tried by that cost, G * c + n * (t + TILE_OVERHEAD).
 # (c, n, t) per branch as (c / mean group, n / G, t / mean group): at c = mean about half the groups overflow,
 # each by a little (small tiles, many); past c = 1.125 x mean only the tail does. Every branch is compiled
 # (forward and backward), so the list is short; loads past the last branch take the `tiled` fallback.
-BRANCH_SPECS = ((1.0, 1 / 2, 1 / 8), (1.125, 1 / 4, 1 / 4), (1.25, 1 / 4, 1 / 4), (1.5, 1 / 4, 1 / 4),
+BRANCH_SPECS = ((1.0, 1 / 2, 1 / 8), (1.0, 3 / 4, 1 / 8), (1.125, 1 / 4, 1 / 4), (1.5, 1 / 4, 1 / 4),
                 (2.0, 1 / 4, 1 / 4))
 TILE_RANGE = (16, 128)  # overflow tile rows: a power of two in this range
+TILE_OVERHEAD = 32  # rows of matmul a tile costs beyond its own rows (branch order only)
 FALLBACK_MIN_TILE = 128  # the skewed fallback's tile: few tiles, so few gathered expert weights
 
 
 def bucket_branches(m: int, g: int) -> tuple[tuple[int, int, int], ...]:
-    """(c, n, t) of each bucketed branch by ascending rows G * c + n * t, from BRANCH_SPECS with the mean group
-    size M / G: c = ceil8(f * mean) (at most M), n = ceil(v * G), t = the power of two <= u * mean in TILE_RANGE
-    (at most ceil8(M)). A branch with c = M (holds any group, no tiles) ends the list."""
+    """(c, n, t) of each bucketed branch by ascending cost G * c + n * (t + TILE_OVERHEAD), from BRANCH_SPECS with
+    the mean group size M / G: c = ceil8(f * mean) (at most M), n = ceil(v * G), t = the power of two <= u * mean
+    in TILE_RANGE (at most ceil8(M)). A branch with c = M (holds any group, no tiles) ends the list."""
     mean = m / g
     out = set()
     for f, v, u in BRANCH_SPECS:
@@ -102,7 +103,7 @@ def bucket_branches(m: int, g: int) -> tuple[tuple[int, int, int], ...]:
         t = 2 ** math.floor(math.log2(max(1.0, u * mean)))
         t = min(TILE_RANGE[1], max(TILE_RANGE[0], t), 8 * math.ceil(m / 8))
         out.add((c, 0, 0) if c == m else (c, math.ceil(v * g), t))  # c = M holds any group: no tiles
-    branches = sorted(out, key=lambda b: (g * b[0] + b[1] * b[2], b))
+    branches = sorted(out, key=lambda b: (g * b[0] + b[1] * (b[2] + TILE_OVERHEAD), b))
     full = next((i for i, b in enumerate(branches) if b[0] == m), len(branches))
     return tuple(branches[:full + 1])  # none after c = M is ever taken
 

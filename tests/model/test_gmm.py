@@ -105,32 +105,35 @@ def test_unknown_impl_is_an_error():
         grouped_matmul(lhs, rhs, gs, impl="nope")
 
 
-# bucketed: M = 256, G = 8, mean group 32 -> branches (c, n, t) = (32, 4, 16), (40, 2, 16), (48, 2, 16), (64, 2, 16)
-# (buckets of c rows, n overflow tiles of t rows), then the tiled fallback 4
+# bucketed: M = 256, G = 8, mean group 32 -> branches (c, n, t) by cost G * c + n * (t + 32) = (40, 2, 16),
+# (32, 4, 16), (48, 2, 16), (32, 6, 16), (64, 2, 16) (buckets of c rows, n overflow tiles of t rows), then the tiled
+# fallback 5
 M_BRANCH = 256
 BRANCH_CASES = {  # name: (group_sizes, expected branch)
     "balanced": ([32] * 8, 0),  # every tile unused
-    "overflow_into_tiles": ([40, 24, 32, 32, 36, 28, 32, 32], 0),  # two partial tiles of two groups
-    "one_group_over_three_tiles": ([80, 16, 16, 32, 32, 32, 32, 16], 0),  # 48 rows past c, one tile unused
-    "tiles_exactly_full": ([96, 0, 32, 32, 32, 32, 32, 0], 0),  # 64 rows past c = 4 whole tiles, empty groups
-    "too_many_groups_over": ([40, 40, 40, 40, 40, 24, 16, 16], 1),  # 5 tiles at c = 32; none past c = 40
-    "second_with_a_tile": ([56, 40, 40, 40, 40, 24, 16, 0], 1),  # 6 tiles at c = 32, 1 at c = 40
-    "third": ([72, 48, 40, 40, 24, 16, 16, 0], 2),  # 6 tiles at 32, 3 at 40, 2 at 48
-    "last_bucket": ([90, 64, 40, 40, 22, 0, 0, 0], 3),  # 4 tiles at 48, 2 at 64
-    "trailing_rows": ([40, 0, 30, 20, 0, 10, 0, 0], 0),  # sum 100 < M: rows past it are zero
-    "skewed_fallback": ([200, 56, 0, 0, 0, 0, 0, 0], 4),  # 9 tiles past c = 64
-    "one_giant_group_fallback": ([0, 0, 256, 0, 0, 0, 0, 0], 4),
-    "fallback_with_trailing_rows": ([150, 1, 0, 0, 0, 0, 0, 0], 4),
+    "partial_tile": ([50, 40, 40, 30, 30, 30, 20, 16], 0),  # 10 rows past c = 40
+    "two_groups_in_tiles": ([48, 44, 40, 40, 32, 20, 16, 16], 0),  # one partial tile each
+    "one_group_over_three_tiles": ([80, 16, 16, 32, 32, 32, 32, 16], 1),  # 3 tiles at c = 40, 3 of 4 at 32
+    "tiles_exactly_full": ([96, 0, 32, 32, 32, 32, 32, 0], 1),  # 64 rows past c = 32: 4 whole tiles, empty groups
+    "too_many_groups_over": ([44, 44, 44, 44, 40, 24, 16, 0], 2),  # 4 tiles at c = 40, 5 at 32, none at 48
+    "six_tiles_at_mean": ([81, 40, 40, 32, 32, 31, 0, 0], 3),  # 3 tiles at 40, 6 at 32, 3 at 48
+    "last_bucket": ([90, 64, 40, 40, 22, 0, 0, 0], 4),  # 8 tiles at 32, 4 at 48, 2 at 64
+    "trailing_rows": ([50, 0, 30, 20, 0, 10, 0, 0], 0),  # a tile, and sum 110 < M: rows past it are zero
+    "skewed_fallback": ([200, 56, 0, 0, 0, 0, 0, 0], 5),  # 9 tiles past c = 64
+    "one_giant_group_fallback": ([0, 0, 256, 0, 0, 0, 0, 0], 5),
+    "fallback_with_trailing_rows": ([150, 1, 0, 0, 0, 0, 0, 0], 5),
 }
 
 
 def test_bucket_branches():
-    assert bucket_branches(M_BRANCH, 8) == ((32, 4, 16), (40, 2, 16), (48, 2, 16), (64, 2, 16))
-    # the benchmark's 64-expert shape: c = mean with G / 2 tiles of mean / 8, then the tail's G / 4 tiles of mean / 4
-    assert bucket_branches(16384, 64) == ((256, 32, 32), (288, 16, 64), (320, 16, 64), (384, 16, 64), (512, 16, 64))
+    assert bucket_branches(M_BRANCH, 8) == ((40, 2, 16), (32, 4, 16), (48, 2, 16), (32, 6, 16), (64, 2, 16))
+    # the benchmark's shapes (16384 token-slots): at 64 experts c = mean with G / 2 or 3G / 4 tiles of mean / 8
+    # first, at 8 experts c = mean with 4 tiles of 128
+    assert bucket_branches(16384, 64) == ((256, 32, 32), (256, 48, 32), (288, 16, 64), (384, 16, 64), (512, 16, 64))
+    assert bucket_branches(16384, 8)[0] == (2048, 4, 128)
     assert bucket_branches(10, 1) == ((10, 0, 0),)  # never more than M rows per group, no tiles then
-    assert bucket_branches(20, 2) == ((20, 0, 0),)  # c = M (40 rows) beats (16, 1, 16) (48 rows) and ends the list
-    assert bucket_branches(12, 5) == ((8, 2, 16), (8, 3, 16))  # tiles never beyond ceil8(M) = 16 rows
+    assert bucket_branches(20, 2) == ((20, 0, 0),)  # c = M (40 rows) beats every tiled branch and ends the list
+    assert bucket_branches(12, 5) == ((8, 2, 16), (8, 3, 16), (8, 4, 16))  # tiles never beyond ceil8(M) = 16 rows
 
 
 def test_overflow_tiles():
@@ -179,13 +182,13 @@ def test_bucketed_switch_carries_no_residuals():
     f = lambda a, b: jnp.sum(grouped_matmul(a, b, gs, impl="bucketed") * cot)  # noqa: E731
     conds = list(_conds(jax.make_jaxpr(jax.value_and_grad(f, argnums=(0, 1)))(lhs, rhs).jaxpr))
     assert sorted(len(c.outvars) for c in conds) == [1, 2]
-    assert all(len(c.params["branches"]) == 5 for c in conds)  # 4 branches + the fallback
+    assert all(len(c.params["branches"]) == 6 for c in conds)  # 5 branches + the fallback
 
 
 def test_bucketed_under_vmap():
     """vmap over lhs and group sizes (a batched switch index becomes a select over every branch), and over
     lhs alone with shared group sizes; values and gradients per batch element against the oracle."""
-    batch = [BRANCH_CASES[c][0] for c in ("overflow_into_tiles", "third", "skewed_fallback")]
+    batch = [BRANCH_CASES[c][0] for c in ("partial_tile", "six_tiles_at_mean", "skewed_fallback")]
     ins = [_inputs(s, M_BRANCH, seed=i) for i, s in enumerate(batch)]
     rhs = ins[0][1]
     lhs, gs, cot = (jnp.stack([x[i] for x in ins]) for i in (0, 2, 3))
@@ -216,7 +219,7 @@ def test_bucketed_in_shard_map_shards_take_different_branches():
     from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: PLC0415
 
     mesh = jax.make_mesh((2,), ("x",), devices=jax.devices()[:2])
-    batch = [BRANCH_CASES[c][0] for c in ("overflow_into_tiles", "skewed_fallback")]  # branch 0 and the fallback
+    batch = [BRANCH_CASES[c][0] for c in ("partial_tile", "skewed_fallback")]  # branch 0 and the fallback
     ins = [_inputs(s, M_BRANCH, seed=i) for i, s in enumerate(batch)]
     rhs = ins[0][1]
     lhs, gs, cot = (jnp.concatenate([x[i] for x in ins]) for i in (0, 2, 3))  # shard i = rows 256i..256i+255
