@@ -8,13 +8,15 @@ One step is the jitted `jax.value_and_grad` of `mean(y**2)` w.r.t. the `nnx.Para
 Top-k, the expert width and the hidden size stay fixed, so every E has the same active parameters and FLOPs
 per token; only the number of experts (total parameters) grows. Each `--seq` value is its own group of rows
 (batch x seq tokens), timed on its own. Dispatch paths: dropless with the `bucketed` grouped matmul (the CPU
-default) and with `tiled`; with `--impls`, also dropless with `jax.lax.ragged_dot` (a dense fallback on CPU)
-and the dense "every expert on every token" einsum, whose cost grows with E by construction, and GShard
-capacity dispatch, whose one-hot dispatch grows with tokens^2 (~8 s a step at 4096 tokens). For each E all
+default) and with `tiled`, and the no-dispatch floor (`floor_output`: equal loads by construction, no sort or
+gathers, the bound for any dispatch); with `--impls`, also dropless with `jax.lax.ragged_dot` (a dense
+fallback on CPU) and the dense "every expert on every token" einsum, whose cost grows with E by construction,
+and GShard capacity dispatch, whose one-hot dispatch grows with tokens^2 (~8 s a step at 4096 tokens). For each E all
 paths see the same weights and inputs; the dropless paths (and `dense` where run) must agree before anything
-is timed. Peak memory is XLA's buffer estimate from the compiled executable's `memory_analysis()` (temp +
-argument + output bytes), not a measured RSS. The Markdown table is printed and written as the
-`## MoE scaling` section of `--out`; other sections are kept.
+is timed. Besides wall time, the CPU time of the process over each step (user + kernel; the kernel part is
+mostly page faults on buffers XLA maps afresh each step). Peak memory is XLA's buffer estimate from the
+compiled executable's `memory_analysis()` (temp + argument + output bytes), not a measured RSS. The
+Markdown table is printed and written as the `## MoE scaling` section of `--out`; other sections are kept.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import argparse
 import math
 import os
 import platform
+import resource
 import statistics
 import time
 from pathlib import Path
@@ -34,8 +37,9 @@ import numpy as np
 from flax import nnx
 
 import ernie_jax
-from ernie_jax.model.gmm import bucket_capacities
-from ernie_jax.model.moe import MoEBlock
+from ernie_jax.model.gmm import bucket_branch, bucket_branches
+from ernie_jax.model.mlp import ACTIVATIONS
+from ernie_jax.model.moe import MoEBlock, router_stats
 from experiments.bench.report import git_rev, utc_now, write_section
 
 SECTION = "## MoE scaling (experiments/bench/moe.py)"
@@ -46,12 +50,30 @@ IMPLS = {
     "dropless ragged_dot": dict(moe_dispatch="dropless", moe_gmm_impl="ragged_dot"),
     "capacity": dict(moe_dispatch="capacity"),
     "dense": dict(moe_dispatch="dense"),
+    "no-dispatch floor": dict(moe_dispatch="dropless"),  # see `floor_output`
 }
+FLOOR = "no-dispatch floor"
 DEFAULT_IMPL = "dropless bucketed"  # the CPU default (`moe_gmm_impl="auto"`)
-DEFAULT_IMPLS = ["dropless bucketed", "dropless tiled"]  # the others are slow at 4096 tokens, see the header
+DEFAULT_IMPLS = ["dropless bucketed", "dropless tiled", FLOOR]  # the others are slow at 4096 tokens (header)
 GOAL = 1.2  # the issue's goal: step(E=64) / step(E=8) of the default path
 RTOL = 1e-4
 jax.config.update("jax_platforms", "cpu")
+
+
+def floor_output(block: MoEBlock, x: jax.Array):
+    """The block without dispatch: the router and its statistics as in `MoEBlock`, then token-slot s goes to
+    expert s * E // (T * k) (perfectly balanced, no sort, no gather): the experts' batched SwiGLU
+    [E, T * k / E, H] and the weighted combine. The same FLOPs as a dropless step with equal loads; what it
+    costs more at E = 64 than at E = 8 no dispatch can save (the weights and their gradients grow with E)."""
+    b, s, h = x.shape
+    xt = x.reshape(b * s, h)
+    r = block.router(xt)
+    t, k = r.expert_ids.shape
+    wg, wu, wo = block.experts.weights(xt.dtype)
+    xs = jnp.repeat(xt, k, axis=0).reshape(wg.shape[0], -1, h)
+    hid = ACTIVATIONS[block.experts.act](jnp.einsum("ECH,EHI->ECI", xs, wg)) * jnp.einsum("ECH,EHI->ECI", xs, wu)
+    ys = jnp.einsum("ECI,EIH->ECH", hid, wo).reshape(t, k, h)
+    return jnp.einsum("TKH,TK->TH", ys, r.weights.astype(ys.dtype)).reshape(b, s, h), router_stats(r, None)
 
 
 def build(args, seq: int, e: int, impl: str):
@@ -63,7 +85,8 @@ def build(args, seq: int, e: int, impl: str):
     graphdef, params, rest = nnx.split(block, nnx.Param, ...)
 
     def loss(p, x):
-        y, stats = nnx.merge(graphdef, p, rest)(x)
+        block = nnx.merge(graphdef, p, rest)
+        y, stats = floor_output(block, x) if impl == FLOOR else block(x)
         return jnp.mean(y.astype(jnp.float32) ** 2), stats
 
     x = jax.random.normal(jax.random.key(1), (args.batch, seq, args.hidden), jnp.float32)
@@ -76,8 +99,9 @@ def build(args, seq: int, e: int, impl: str):
 
 
 def check_agree(e: int, outs: dict) -> None:
-    """Dropless paths (and the dense oracle) compute the same loss and gradients (capacity may drop slots)."""
-    names = [n for n in outs if n != "capacity"]
+    """Dropless paths (and the dense oracle) compute the same loss and gradients (capacity may drop slots, the
+    floor routes by position)."""
+    names = [n for n in outs if n not in ("capacity", FLOOR)]
     ref = jax.tree.leaves((outs[names[0]][0][0], outs[names[0]][1]))
     for n in names[1:]:
         got = jax.tree.leaves((outs[n][0][0], outs[n][1]))
@@ -98,31 +122,40 @@ def run(args, seq: int) -> tuple[list[dict], dict]:
             steps[(e, impl)] = (step, params, x)
             rows.append(dict(tokens=tokens, e=e, impl=impl, compile_s=compile_s, peak=peak))
             print(f"compiled {tokens} tokens E={e} {impl} in {compile_s:.2f} s", flush=True)
-        if len([n for n in outs if n != "capacity"]) > 1:
+        if len([n for n in outs if n not in ("capacity", FLOOR)]) > 1:
             check_agree(e, outs)
         usage = np.asarray(next(iter(outs.values()))[0][1].usage)  # slots per expert, equal for every path
         cap = max(1, math.ceil(args.capacity_factor * tokens * args.k / e))
         routing[e] = dict(max_mean=float(usage.max() / usage.mean()), min_mean=float(usage.min() / usage.mean()),
                           dropped=float(np.maximum(usage - cap, 0).sum() / usage.sum()), cap=cap)
-        # `bucketed` computes E * C rows, C the smallest bucket >= the largest expert's slots (else the fallback)
-        fits = [c for c in bucket_capacities(tokens * args.k, e) if c >= usage.max()]
-        routing[e]["bucket_rows"] = e * fits[0] / (tokens * args.k) if fits else None
+        # `bucketed` computes E * c + n * t rows, (c, n, t) the branch it picks for these loads (else the fallback)
+        branches = bucket_branches(tokens * args.k, e)
+        i = int(bucket_branch(jnp.asarray(usage, jnp.int32), branches))
+        routing[e]["bucket_rows"] = ((e * branches[i][0] + branches[i][1] * branches[i][2]) / (tokens * args.k),
+                                     branches[i]) if i < len(branches) else None
 
     # Rounds over every (E, path) in a fresh random order each, so that a change in background load hits all
     # of them alike. Each timed step follows an untimed one of the same executable (as in a training loop),
     # not the previous path's, whose large buffers would otherwise leave it cold caches and fresh pages.
+    # CPU time of this process over the step (all its threads; user + kernel): unlike wall time it leaves out
+    # the time other processes hold the cores, and the kernel part is mostly page faults on the buffers XLA
+    # maps afresh each step (the temporaries, the returned gradients)
     times: dict[tuple, list[float]] = {key: [] for key in steps}
+    cpu: dict[tuple, list[tuple[float, float]]] = {key: [] for key in steps}
     keys, rng = list(steps), np.random.default_rng(0)
     for _ in range(args.repeats):
         for i in rng.permutation(len(keys)):
             step, params, x = steps[keys[i]]
             jax.block_until_ready(step(params, x))
-            t0 = time.perf_counter()
+            r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
             jax.block_until_ready(step(params, x))
             times[keys[i]].append(time.perf_counter() - t0)
+            r1 = resource.getrusage(resource.RUSAGE_SELF)
+            cpu[keys[i]].append((r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime, r1.ru_stime - r0.ru_stime))
     for r in rows:
-        t = times[(r["e"], r["impl"])]
+        t, c = times[(r["e"], r["impl"])], cpu[(r["e"], r["impl"])]
         r.update(ms=1e3 * statistics.median(t), best_ms=1e3 * min(t))
+        r.update(cpu_ms=1e3 * statistics.median(u for u, _ in c), sys_ms=1e3 * statistics.median(k for _, k in c))
         r["tok_s"] = tokens / (r["ms"] / 1e3)
     for r in rows:
         base = next((b for b in rows if b["impl"] == r["impl"] and b["e"] == min(args.experts)), r)
@@ -131,16 +164,20 @@ def run(args, seq: int) -> tuple[list[dict], dict]:
         # that drifts between rounds (on a shared host the min of one row can come from a quiet moment alone)
         pairs = zip(times[(r["e"], r["impl"])], times[(base["e"], base["impl"])])
         r["ratio_paired"] = statistics.median(a / b for a, b in pairs)
+        pairs = zip(cpu[(r["e"], r["impl"])], cpu[(base["e"], base["impl"])])
+        r["ratio_cpu"] = statistics.median(a[0] / b[0] for a, b in pairs)
     return rows, routing
 
 
 def table(rows: list[dict], e0: int) -> str:
     lines = [f"| tokens | E | impl | median ms | min ms | tokens/s | ratio to E={e0} (median / min / paired) "
-             f"| peak MiB | compile s |", "|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+             f"| CPU ms (kernel) | CPU ratio (paired) | peak MiB | compile s |",
+             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in sorted(rows, key=lambda r: (-r["tokens"], list(IMPLS).index(r["impl"]), r["e"])):
         lines.append(f"| {r['tokens']} | {r['e']} | {r['impl']} | {r['ms']:.1f} | {r['best_ms']:.1f} "
                      f"| {r['tok_s']:,.0f} "
                      f"| {r['ratio']:.2f}× / {r['ratio_best']:.2f}× / {r['ratio_paired']:.2f}× "
+                     f"| {r['cpu_ms']:.0f} ({r['sys_ms']:.0f}) | {r['ratio_cpu']:.2f}× "
                      f"| {r['peak'] / 2**20:.1f} "
                      f"| {r['compile_s']:.2f} |")
     return "\n".join(lines)
@@ -152,20 +189,26 @@ def group_lines(args, seq: int, rows: list[dict], routing: dict) -> str:
     tokens = args.batch * seq
     load_txt = ", ".join(f"E={e} {v['max_mean']:.2f} / {v['min_mean']:.2f}" for e, v in routing.items())
     drop_txt = ", ".join(f"E={e} {100 * v['dropped']:.1f}% (C={v['cap']})" for e, v in routing.items())
-    rows_txt = ", ".join(f"E={e} " + (f"{v['bucket_rows']:.2f}×" if v["bucket_rows"] else "fallback")
-                         for e, v in routing.items())
+    rows_txt = ", ".join(f"E={e} " + (f"{v['bucket_rows'][0]:.2f}× {v['bucket_rows'][1]}" if v["bucket_rows"]
+                                      else "fallback") for e, v in routing.items())
     out = (f"- **{tokens} tokens**: x [{args.batch}, {seq}, {args.hidden}] fp32 ({tokens * args.k} token-slots); "
            f"expert load max / min over mean slots per expert: {load_txt}; slots dropped by `capacity`: "
-           f"{drop_txt}; rows `bucketed` multiplies (E × its bucket, over the slots): {rows_txt}\n")
-    for impl in (i for i in IMPLS if i in args.impls and i.startswith("dropless")):
+           f"{drop_txt}; rows `bucketed` computes (E × c + n × t over the slots, for the branch (c, n, t) of "
+           f"buckets of c rows and n overflow tiles of t rows it picks): {rows_txt}\n")
+    for impl in (i for i in IMPLS if i in args.impls and (i.startswith("dropless") or i == FLOOR)):
         if e0 == e1:
             break
         r = {x["e"]: x for x in rows if x["impl"] == impl}
         stats = {"median": r[e1]["ratio"], "min": r[e1]["ratio_best"], "paired": r[e1]["ratio_paired"]}
+        ratios = (", ".join(f"{v:.2f}× ({k})" for k, v in stats.items())
+                  + f", CPU time {r[e1]['ratio_cpu']:.2f}× (paired)")
+        if impl == FLOOR:
+            out += f"  - step(E={e1}) / step(E={e0}) of the `{FLOOR}` (the bound for any dispatch): {ratios}\n"
+            continue
         met = [k for k, v in stats.items() if v <= GOAL]
         verdict = "met" if len(met) == 3 else f"borderline: met by the {' and '.join(met)} only" if met else "missed"
         out += (f"  - step(E={e1}) / step(E={e0}) of `{impl}`{' (the CPU default)' if impl == DEFAULT_IMPL else ''}: "
-                + ", ".join(f"{v:.2f}× ({k})" for k, v in stats.items()) + f" vs the goal ≤ {GOAL}: **{verdict}**\n")
+                + ratios + f" vs the goal ≤ {GOAL} (wall time): **{verdict}**\n")
     return out
 
 
@@ -180,7 +223,12 @@ def header(args, groups: list[str], load: tuple[float, float], wall_s: float) ->
             f"step right after an untimed one of the same executable; tokens/s "
             f"uses the median; the ratio is to E={e0} of the same impl and token count: of the medians, of the mins, "
             f"and paired (the median over rounds of the ratio within a round, robust to load that drifts between "
-            f"rounds). Peak MiB is XLA's buffer "
+            f"rounds). CPU ms: median user + kernel time of this process over the step (all threads; it leaves "
+            f"out the time other processes hold the cores; the kernel part is mostly page faults on the buffers "
+            f"XLA maps afresh each step), its ratio paired as above. `{FLOOR}` is the block without "
+            f"dispatch (router and statistics as in the block, token-slot s to expert s·E/(T·k): equal loads, no "
+            f"sort, no gathers; `floor_output`): what it costs more at E=64 than at E=8 no dispatch can "
+            f"save. Peak MiB is XLA's buffer "
             f"estimate (`compiled.memory_analysis()`: temp + argument + output bytes), not a measured RSS. The "
             f"dropless paths agree (relative {RTOL:g}) before timing. Left out by default to keep the run short "
             f"(`--impls` adds them): `dropless ragged_dot` (XLA's dense CPU fallback) and `dense` grow with E by "
