@@ -13,9 +13,9 @@ import dataclasses
 from typing import Any
 
 from ernie_jax.data.config import DataConfig, DataConfigError
+from ernie_jax.processor.prompt import SpecialTokens
 
-_TOKEN_FIELDS = ("image_token_id", "image_start_token_id", "image_end_token_id", "video_token_id",
-                 "video_start_token_id", "video_end_token_id")
+_TOKEN_FIELDS = tuple(f.name for f in dataclasses.fields(SpecialTokens))  # one list of the six ids
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
