@@ -14,8 +14,9 @@ of token shards). Routing happens before the shard_map (GSPMD, on the token-shar
 1. replicate each local token k times, sort the T_l*k slots by expert (hence by owning shard);
 2. pack them into a send buffer [ep, C, H] (row d = the slots for shard d, zero-padded to C rows), and
    exchange with `jax.lax.all_to_all` over `expert` (with the local expert id of every row, `E_l` = padding);
-3. sort the ep*C received rows by local expert and run `grouped_matmul` with the local group sizes
-   (padding rows are sorted last, past sum(group sizes), and come out zero);
+3. sort the ep*C received rows by local expert and run the experts' SwiGLU (`gmm.expert_swiglu`, the same
+   code as the single-device path) with the local group sizes (padding rows are sorted last, past
+   sum(group sizes), and come out zero);
 4. unsort, inverse `all_to_all`, unpack to slot order, unsort to token order, weighted combine.
 
 `jax.lax.ragged_all_to_all` would send only the real rows, but XLA:CPU does not implement it (jax 0.10.2:
@@ -39,10 +40,9 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
-from ernie_jax.model.gmm import grouped_matmul
+from ernie_jax.model.gmm import expert_swiglu
 from ernie_jax.model.permute import gather_rows, permute_rows, sort_permutation
 from ernie_jax.model.router import Routing
 from ernie_jax.sharding import current_rules, logical_to_spec, resolve_rules
@@ -111,10 +111,7 @@ def _local(x, ids, w, wg, wu, wo, *, ep: int, cap: int, act: Callable, impl: str
     order2, inverse2 = sort_permutation(recv_lid)
     sizes = jnp.bincount(recv_lid, length=el)  # the padding id el is out of range: not counted
     xr = permute_rows(recv, order2, inverse2)
-    gate = grouped_matmul(xr, wg, sizes, impl=impl, tile=tile)
-    up = grouped_matmul(xr, wu, sizes, impl=impl, tile=tile)
-    hid = checkpoint_name(act(gate) * up, "moe_hidden")
-    yr = permute_rows(grouped_matmul(hid, wo, sizes, impl=impl, tile=tile), inverse2, order2)
+    yr = permute_rows(expert_swiglu(xr, wg, wu, wo, sizes, act=act, impl=impl, tile=tile), inverse2, order2)
     # 4. back to the senders, slot order, token order
     back = a2a(yr.reshape(ep, cap, h)).reshape(ep * cap, h)
     ys = gather_rows(back, slot_dst, slot_valid, buf_src, buf_valid)  # [n, H] sorted order

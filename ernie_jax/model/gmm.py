@@ -14,7 +14,8 @@ Implementations, chosen by `ErnieConfig.moe_gmm_impl`:
   Work is G * c + n * t rows (1.03M at 8 and 1.09M at 64 experts with the 4096-token loads of the MoE
   benchmark, where one bucket sized by the busiest group needed 1.25M and 1.5M). Past the last branch
   (heavy skew) the fallback is `tiled` with tiles of >= 128 rows, so it stays dropless for any group sizes.
-  Its own `custom_vjp`, see `_bucketed`.
+  Its own `custom_vjp`, see `_bucketed`. The MoE experts' SwiGLU runs fused on it (`expert_swiglu`): one
+  layout per pass for gate, up, the activation and the down projection instead of one per matmul.
 - `pallas`: the Pallas kernel of `pallas_kernels.gmm` (its own issue).
 `auto` picks `ragged_dot` on TPU and `bucketed` elsewhere. CPU: from 8 to 64 experts at equal active
 parameters the MoE block's step time grows ~1.15-1.25x at 4096 tokens (the no-dispatch floor ~1.0-1.07x) and
@@ -30,9 +31,11 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from ernie_jax.config import GMM_IMPLS
 
@@ -124,21 +127,52 @@ def _fallback_tile(m: int, g: int, tile: int) -> int:
     return tile or min(max(FALLBACK_MIN_TILE, default_tile(m, g)), 8 * max(1, -(-m // 8)))
 
 
-def _bucket_maps(sizes: jax.Array, m: int, c: int, n: int, t: int):
-    """Index maps between the sorted rows [M] and a branch's rows [R = G * c + n * t] (buckets, then tiles).
+class _Layout(NamedTuple):
+    """Index maps between the sorted rows [M] and one branch's buckets [G, c] and tiles [n, t].
 
-    src[b], valid[b]: the sorted row that branch row b holds; pos[r], rvalid[r]: the branch row that sorted row
-    r went to (valid for r < sum(sizes)); tile_group[n]: each tile's group (G - 1 for unused, all-zero tiles).
-    Both directions are gathers, so neither the forward nor the backward pass needs a scatter of rows.
-    """
+    bsrc/bvalid [G * c], osrc/ovalid [n * t]: the sorted row that each bucket / tile row holds (zero where not
+    valid); pos [M], rvalid [M]: the bucket row (pos < G * c) or tile row (G * c + tile row) that sorted row r
+    went to (valid for r < sum(sizes)); tile_group [n]: each tile's group (G - 1 for unused, all-zero tiles).
+    Buckets and tiles are gathered into separate arrays and gathered back from both at once, so no rows are
+    concatenated or sliced apart around the matmuls, and no direction needs a scatter of rows."""
+
+    g: int
+    c: int
+    n: int
+    t: int
+    bsrc: jax.Array
+    bvalid: jax.Array
+    osrc: jax.Array
+    ovalid: jax.Array
+    pos: jax.Array
+    rvalid: jax.Array
+    tile_group: jax.Array
+
+    def to(self, a: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+        """Sorted rows [M, D] -> (buckets [G, c, D], tiles [n, t, D] or None when n = 0)."""
+        d = a.shape[-1]
+        xb = _gather(a, self.bsrc, self.bvalid).reshape(self.g, self.c, d)
+        return xb, _gather(a, self.osrc, self.ovalid).reshape(self.n, self.t, d) if self.n else None
+
+    def back(self, yb: jax.Array, yo: jax.Array | None) -> jax.Array:
+        """(buckets, tiles) -> sorted rows [M, D], rows past sum(sizes) zero."""
+        gc, d = self.g * self.c, yb.shape[-1]
+        y = yb.reshape(gc, d)[jnp.minimum(self.pos, gc - 1)]
+        if yo is not None:
+            y = jnp.where((self.pos < gc)[:, None], y, yo.reshape(-1, d)[jnp.clip(self.pos - gc, 0, self.n * self.t - 1)])
+        return jnp.where(self.rvalid[:, None], y, 0)
+
+
+def _bucket_maps(sizes: jax.Array, m: int, c: int, n: int, t: int) -> _Layout:
+    """The `_Layout` of branch (c, n, t) for these group sizes (int32) and M sorted rows."""
     g = sizes.shape[0]
     ends = jnp.cumsum(sizes)
     starts = ends - sizes
     j = jnp.arange(c)
     bvalid = (j[None, :] < sizes[:, None]).reshape(-1)
-    bsrc = (starts[:, None] + j[None, :]).reshape(-1)
+    bsrc = jnp.where(bvalid, (starts[:, None] + j[None, :]).reshape(-1), 0)
     over = jnp.maximum(sizes - c, 0)  # rows past the bucket, padded to whole tiles
-    tiles = -(-over // t)
+    tiles = -(-over // max(t, 1))
     tile_ends = jnp.cumsum(tiles)
     tile_starts = tile_ends - tiles
     tile_group = jnp.minimum(_group_of(tile_ends, n), g - 1)
@@ -146,8 +180,7 @@ def _bucket_maps(sizes: jax.Array, m: int, c: int, n: int, t: int):
     rg = jnp.broadcast_to(tile_group[:, None], (n, t)).reshape(-1)
     off = r - tile_starts[rg] * t  # position among group rg's overflow rows
     ovalid = (off < over[rg]) & (r < tile_ends[-1] * t)
-    valid = jnp.concatenate([bvalid, ovalid])
-    src = jnp.where(valid, jnp.concatenate([bsrc, starts[rg] + c + off]), 0)
+    osrc = jnp.where(ovalid, starts[rg] + c + off, 0)
     row = jnp.arange(m)
     row_group = jnp.minimum(_group_of(ends, m), g - 1)
     offset = row - starts[row_group]
@@ -155,7 +188,7 @@ def _bucket_maps(sizes: jax.Array, m: int, c: int, n: int, t: int):
     # pos < R always holds in the branch that `bucket_branch` picks; the check keeps the other branches in range
     # when vmap turns the switch into a select that evaluates all of them
     rvalid = (row < ends[-1]) & (pos < g * c + n * t)
-    return src, valid, jnp.where(rvalid, pos, 0), rvalid, tile_group
+    return _Layout(g, c, n, t, bsrc, bvalid, osrc, ovalid, jnp.where(rvalid, pos, 0), rvalid, tile_group)
 
 
 def _gather(a: jax.Array, src: jax.Array, valid: jax.Array) -> jax.Array:
@@ -163,36 +196,30 @@ def _gather(a: jax.Array, src: jax.Array, valid: jax.Array) -> jax.Array:
     return jnp.where(valid[:, None], a[src], 0)
 
 
-def _split(a: jax.Array, g: int, c: int, n: int, t: int) -> tuple[jax.Array, jax.Array]:
-    """Branch rows [R, D] -> buckets [G, c, D], tiles [n, t, D]."""
-    return a[:g * c].reshape(g, c, a.shape[-1]), a[g * c:].reshape(n, t, a.shape[-1])
+def _bmm(spec: str, xb: jax.Array, xo: jax.Array | None, w: jax.Array, wt: jax.Array | None):
+    """The same einsum on the buckets (weights w [G, ...]) and the tiles (wt, gathered per tile)."""
+    mm = functools.partial(jnp.einsum, spec, preferred_element_type=jnp.float32)
+    return mm(xb, w), None if xo is None else mm(xo, wt)
 
 
-def _bmm(spec: str, b: jax.Array, o: jax.Array, wb: jax.Array, wo: jax.Array) -> jax.Array:
-    """The same einsum on the buckets (weights wb) and the tiles (wo), joined into rows [R, N]."""
-    y = [jnp.einsum(spec, x, w, preferred_element_type=jnp.float32) for x, w in ((b, wb), (o, wo)) if x.size]
-    return jnp.concatenate([a.reshape(-1, a.shape[-1]) for a in y])
+def _dw(lay: _Layout, xb, xo, db, do) -> jax.Array:
+    """[G, K, N]: sum over each group's rows of x^T dy, bucket rows plus its tiles' rows."""
+    dw = jnp.einsum("GCK,GCN->GKN", xb, db, preferred_element_type=jnp.float32)
+    if xo is None:
+        return dw
+    return dw.at[lay.tile_group].add(jnp.einsum("TCK,TCN->TKN", xo, do, preferred_element_type=jnp.float32))
 
 
 def _bucket_fwd(c: int, n: int, t: int, lhs: jax.Array, rhs: jax.Array, sizes: jax.Array) -> jax.Array:
-    g = rhs.shape[0]
-    src, valid, pos, rvalid, tile_group = _bucket_maps(sizes, lhs.shape[0], c, n, t)
-    xb, xo = _split(_gather(lhs, src, valid), g, c, n, t)
-    y = _bmm("GCK,GKN->GCN", xb, xo, rhs, rhs[tile_group])
-    return _gather(y, pos, rvalid).astype(lhs.dtype)
+    lay = _bucket_maps(sizes, lhs.shape[0], c, n, t)
+    return lay.back(*_bmm("GCK,GKN->GCN", *lay.to(lhs), rhs, rhs[lay.tile_group] if n else None)).astype(lhs.dtype)
 
 
 def _bucket_bwd(c: int, n: int, t: int, lhs: jax.Array, rhs: jax.Array, sizes: jax.Array, dy: jax.Array):
-    g = rhs.shape[0]
-    src, valid, pos, rvalid, tile_group = _bucket_maps(sizes, lhs.shape[0], c, n, t)
-    wo = rhs[tile_group]
-    xb, xo = _split(_gather(lhs, src, valid), g, c, n, t)
-    db, do = _split(_gather(dy, src, valid), g, c, n, t)  # zero on padding rows: they add nothing to dw
-    dx = _bmm("GCN,GKN->GCK", db, do, rhs, wo)
-    dw = jnp.einsum("GCK,GCN->GKN", xb, db, preferred_element_type=jnp.float32)
-    if n:
-        dw = dw.at[tile_group].add(jnp.einsum("TCK,TCN->TKN", xo, do, preferred_element_type=jnp.float32))
-    return _gather(dx, pos, rvalid).astype(lhs.dtype), dw.astype(rhs.dtype)
+    lay = _bucket_maps(sizes, lhs.shape[0], c, n, t)
+    (xb, xo), (db, do) = lay.to(lhs), lay.to(dy)  # zero on padding rows: they add nothing to dw
+    dx = lay.back(*_bmm("GCN,GKN->GCK", db, do, rhs, rhs[lay.tile_group] if n else None))
+    return dx.astype(lhs.dtype), _dw(lay, xb, xo, db, do).astype(rhs.dtype)
 
 
 def _fallback_fwd(tile: int, lhs: jax.Array, rhs: jax.Array, sizes: jax.Array) -> jax.Array:
@@ -276,3 +303,109 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, im
     else:
         raise ValueError(f"unknown grouped-matmul impl {impl!r}; known: {GMM_IMPLS}")
     return out.astype(lhs.dtype)
+
+
+# --- fused expert SwiGLU on the bucketed layout ------------------------------------------------------------
+# `expert_swiglu` = grouped_matmul(act(grouped_matmul(x, wg)) * grouped_matmul(x, wu), wo) on one layout: the
+# branch's maps are built once, x goes into the buckets and tiles once, gate, up, the activation and the down
+# projection stay in the layout and only y comes back to the sorted rows (three grouped_matmul calls build,
+# gather and ungather the layout three times in the forward and again in the backward). Gate and up are two
+# matmuls on the same layout rather than one against [wg | wu]: concatenating the weights (and splitting their
+# gradient) copies all E experts' weights every step, a cost that grows with E (measured slower). The residuals
+# are gate and up in sorted-row order (the backward regathers them rather than recompute the matmuls).
+
+
+def _pairs(f, *pairs):
+    """f on the buckets of every (buckets, tiles) pair, and on the tiles (None when there are none)."""
+    b = f(*(p[0] for p in pairs))
+    return b, None if pairs[0][1] is None else f(*(p[1] for p in pairs))
+
+
+def _swiglu_bucket_fwd(c: int, n: int, t: int, act, res: bool, x, wg, wu, wo, sizes):
+    lay = _bucket_maps(sizes, x.shape[0], c, n, t)
+    tg, dt = lay.tile_group, x.dtype
+    xl = lay.to(x)
+    gate = _pairs(lambda a: a.astype(dt), _bmm("GCK,GKN->GCN", *xl, wg, wg[tg] if n else None))
+    up = _pairs(lambda a: a.astype(dt), _bmm("GCK,GKN->GCN", *xl, wu, wu[tg] if n else None))
+    h = _pairs(lambda a, b: act(a) * b, gate, up)
+    y = lay.back(*_bmm("GCI,GIH->GCH", *h, wo, wo[tg] if n else None)).astype(dt)
+    return (y, lay.back(*gate), lay.back(*up)) if res else y
+
+
+def _swiglu_bucket_bwd(c: int, n: int, t: int, act, x, wg, wu, wo, sizes, gate, up, dy):
+    lay = _bucket_maps(sizes, x.shape[0], c, n, t)
+    tg, dt = lay.tile_group, x.dtype
+    xl, dyl, up = lay.to(x), lay.to(dy), lay.to(up)  # zero on padding rows
+    a, act_vjp = zip(*(jax.vjp(act, g) if g is not None else (None, None) for g in lay.to(gate)))
+    h = _pairs(lambda a, b: a * b, a, up)
+    dh = _pairs(lambda a: a.astype(dt), _bmm("GCH,GIH->GCI", *dyl, wo, wo[tg] if n else None))
+    dwo = _dw(lay, *h, *dyl)
+    dgate = _pairs(lambda f, d, u: f(d * u)[0], act_vjp, dh, up)
+    dup = _pairs(lambda d, a: d * a, dh, a)
+    dwg = _dw(lay, *xl, *dgate)
+    dx = _bmm("GCN,GKN->GCK", *dgate, wg, wg[tg] if n else None)
+    dwu = _dw(lay, *xl, *dup)
+    dx = _pairs(lambda a, b: a + b, dx, _bmm("GCN,GKN->GCK", *dup, wu, wu[tg] if n else None))
+    return lay.back(*dx).astype(dt), dwg.astype(wg.dtype), dwu.astype(wu.dtype), dwo.astype(wo.dtype)
+
+
+def _swiglu_unfused(impl: str, tile: int, act, x, wg, wu, wo, sizes):
+    """The three grouped_matmul calls (every impl but `bucketed`; the fused path's fallback with `tiled`)."""
+    gate = grouped_matmul(x, wg, sizes, impl=impl, tile=tile)
+    up = grouped_matmul(x, wu, sizes, impl=impl, tile=tile)
+    h = checkpoint_name(act(gate) * up, "moe_hidden")
+    return grouped_matmul(h, wo, sizes, impl=impl, tile=tile)
+
+
+def _swiglu_fallback_fwd(tile: int, act, res: bool, x, wg, wu, wo, sizes):
+    gate, up = (_tiled(x, w, sizes, tile).astype(x.dtype) for w in (wg, wu))
+    y = _tiled(act(gate) * up, wo, sizes, tile).astype(x.dtype)
+    return (y, gate, up) if res else y
+
+
+def _swiglu_fallback_bwd(tile: int, act, x, wg, wu, wo, sizes, gate, up, dy):
+    del gate, up  # recomputed: the fallback is for rare, heavily skewed loads
+    _, vjp = jax.vjp(lambda *w: _swiglu_unfused("tiled", tile, act, *w, sizes), x, wg, wu, wo)
+    return vjp(dy)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _swiglu_bucketed(x, wg, wu, wo, sizes, act, branches, tile):
+    """The fused `bucketed` expert SwiGLU; sizes int32. Forward: one switch returning y; backward: a second
+    switch on the same index (as in `_bucketed`), each branch regathering x, dy and (gate | up)."""
+    fns = ([functools.partial(_swiglu_bucket_fwd, *b, act, False) for b in branches]
+           + [functools.partial(_swiglu_fallback_fwd, tile, act, False)])
+    return jax.lax.switch(bucket_branch(sizes, branches), fns, *_all_varying(x, wg, wu, wo, sizes))
+
+
+def _swiglu_bucketed_fwd(x, wg, wu, wo, sizes, act, branches, tile):
+    fns = ([functools.partial(_swiglu_bucket_fwd, *b, act, True) for b in branches]
+           + [functools.partial(_swiglu_fallback_fwd, tile, act, True)])
+    y, gate, up = jax.lax.switch(bucket_branch(sizes, branches), fns, *_all_varying(x, wg, wu, wo, sizes))
+    return y, (x, wg, wu, wo, sizes, gate, up)
+
+
+def _swiglu_bucketed_bwd(act, branches, tile, res, dy):
+    x, wg, wu, wo, sizes, gate, up = res
+    fns = ([functools.partial(_swiglu_bucket_bwd, *b, act) for b in branches]
+           + [functools.partial(_swiglu_fallback_bwd, tile, act)])
+    grads = jax.lax.switch(bucket_branch(sizes, branches), fns, *_all_varying(x, wg, wu, wo, sizes, gate, up, dy))
+    return (*(_sum_to(d, p) for d, p in zip(grads, (x, wg, wu, wo))), None)
+
+
+_swiglu_bucketed.defvjp(_swiglu_bucketed_fwd, _swiglu_bucketed_bwd)
+
+
+def expert_swiglu(x: jax.Array, wg: jax.Array, wu: jax.Array, wo: jax.Array, group_sizes: jax.Array, *, act,
+                  impl: str = "auto", tile: int = 0, fused: bool = True) -> jax.Array:
+    """The routed experts' SwiGLU on rows sorted by expert: x [M, K], wg / wu [G, K, I], wo [G, I, K],
+    group_sizes [G] -> act(x @ wg[g]) * (x @ wu[g]) @ wo[g] per group's rows, [M, K] in x's dtype (rows past
+    sum(group_sizes) zero). `bucketed` (and `auto` off TPU) runs fused on one layout (see above) unless
+    `fused=False`; the other impls are three `grouped_matmul` calls."""
+    if impl == "auto":
+        impl = "ragged_dot" if jax.default_backend() == "tpu" else "bucketed"
+    if impl != "bucketed" or not fused:
+        return _swiglu_unfused(impl, tile, act, x, wg, wu, wo, group_sizes)
+    m, g = x.shape[0], wg.shape[0]
+    return _swiglu_bucketed(x, wg, wu, wo, group_sizes.astype(jnp.int32), act, bucket_branches(m, g),
+                            _fallback_tile(m, g, tile))

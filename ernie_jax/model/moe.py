@@ -1,8 +1,9 @@
 """Mixture-of-experts FFN block of ERNIE-4.5: top-k router, routed SwiGLU experts, shared experts.
 
 Three interchangeable dispatch paths (`ErnieConfig.moe_dispatch`), equal whenever nothing is dropped:
-- `dropless` (default): replicate each token k times, sort the token-slots by expert, grouped matmul
-  (`gmm.grouped_matmul`), unsort, weighted combine. The sort is a permutation whose gradient is the
+- `dropless` (default): replicate each token k times, sort the token-slots by expert, the experts' SwiGLU
+  on the sorted rows (`gmm.expert_swiglu`: fused on one layout for `bucketed`, three `gmm.grouped_matmul`
+  calls otherwise), unsort, weighted combine. The sort is a permutation whose gradient is the
   inverse permutation (a gather, no scatter-add).
 - `capacity`: GShard einsum dispatch/combine with `moe_capacity_factor`; slots past an expert's capacity are
   dropped (first choices of every token win over second choices). The fallback and an oracle.
@@ -30,7 +31,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from ernie_jax.config import ErnieConfig
 from ernie_jax.model.expert_parallel import dropless_expert_parallel, expert_parallel_plan
-from ernie_jax.model.gmm import grouped_matmul
+from ernie_jax.model.gmm import expert_swiglu
 from ernie_jax.model.mlp import ACTIVATIONS, MLP
 from ernie_jax.model.params import normal_param
 from ernie_jax.model.permute import permute_rows, sort_permutation
@@ -72,10 +73,7 @@ class Experts(nnx.Module):
         order, inverse = sort_permutation(flat)
         sizes = jnp.bincount(flat, length=e)
         xs = permute_rows(jnp.repeat(x, k, axis=0), order, inverse)  # [T*k, H] sorted by expert
-        gate = grouped_matmul(xs, wg, sizes, impl=impl, tile=tile)
-        up = grouped_matmul(xs, wu, sizes, impl=impl, tile=tile)
-        h = checkpoint_name(ACTIVATIONS[self.act](gate) * up, "moe_hidden")
-        ys = grouped_matmul(h, wo, sizes, impl=impl, tile=tile)
+        ys = expert_swiglu(xs, wg, wu, wo, sizes, act=ACTIVATIONS[self.act], impl=impl, tile=tile)
         y = permute_rows(ys, inverse, order).reshape(t, k, -1)
         y = jnp.where((r.expert_ids < e)[..., None], y, 0)  # slots of the other modality (id E): no rows
         return jnp.einsum("TKH,TK->TH", y, r.weights.astype(y.dtype))

@@ -1,6 +1,6 @@
 """MoE scaling on the host: step time of one MoE block at 8..64 experts with the same active parameters.
 
-    python -m experiments.bench.moe [--experts 8,16,32,64] [--batch 4] [--seq 1024,256] [--hidden 256]
+    python -m experiments.bench.moe [--experts 8,16,32,64] [--batch 4] [--seq 2048,1024,256] [--hidden 256]
                                     [--width 256] [--k 4] [--repeats 11] [--impls ...]
 
 One step is the jitted `jax.value_and_grad` of `mean(y**2)` w.r.t. the `nnx.Param`s of one
@@ -8,8 +8,9 @@ One step is the jitted `jax.value_and_grad` of `mean(y**2)` w.r.t. the `nnx.Para
 Top-k, the expert width and the hidden size stay fixed, so every E has the same active parameters and FLOPs
 per token; only the number of experts (total parameters) grows. Each `--seq` value is its own group of rows
 (batch x seq tokens), timed on its own. Dispatch paths: dropless with the `bucketed` grouped matmul (the CPU
-default) and with `tiled`, and the no-dispatch floor (`floor_output`: equal loads by construction, no sort or
-gathers, the bound for any dispatch); with `--impls`, also dropless with `jax.lax.ragged_dot` (a dense
+default; the experts' SwiGLU fused on one layout, `gmm.expert_swiglu`) and with `tiled`, and the no-dispatch floor (`floor_output`: equal loads by construction, no sort or
+gathers, the bound for any dispatch); with `--impls`, also `dropless bucketed 3-call` (bucketed unfused: three
+`grouped_matmul` calls, each building its own layout), dropless with `jax.lax.ragged_dot` (a dense
 fallback on CPU) and the dense "every expert on every token" einsum, whose cost grows with E by construction,
 and GShard capacity dispatch, whose one-hot dispatch grows with tokens^2 (~8 s a step at 4096 tokens). For each E all
 paths see the same weights and inputs; the dropless paths (and `dense` where run) must agree before anything
@@ -22,12 +23,15 @@ Markdown table is printed and written as the `## MoE scaling` section of `--out`
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import math
 import os
 import platform
 import resource
 import statistics
 import time
+import unittest.mock
 from pathlib import Path
 
 import flax
@@ -37,7 +41,8 @@ import numpy as np
 from flax import nnx
 
 import ernie_jax
-from ernie_jax.model.gmm import bucket_branch, bucket_branches
+from ernie_jax.model import moe as moe_module
+from ernie_jax.model.gmm import bucket_branch, bucket_branches, expert_swiglu
 from ernie_jax.model.mlp import ACTIVATIONS
 from ernie_jax.model.moe import MoEBlock, router_stats
 from experiments.bench.report import git_rev, utc_now, write_section
@@ -46,6 +51,7 @@ SECTION = "## MoE scaling (experiments/bench/moe.py)"
 # label -> ErnieConfig fields
 IMPLS = {
     "dropless bucketed": dict(moe_dispatch="dropless", moe_gmm_impl="bucketed"),
+    "dropless bucketed 3-call": dict(moe_dispatch="dropless", moe_gmm_impl="bucketed"),  # see `UNFUSED`
     "dropless tiled": dict(moe_dispatch="dropless", moe_gmm_impl="tiled"),
     "dropless ragged_dot": dict(moe_dispatch="dropless", moe_gmm_impl="ragged_dot"),
     "capacity": dict(moe_dispatch="capacity"),
@@ -53,6 +59,7 @@ IMPLS = {
     "no-dispatch floor": dict(moe_dispatch="dropless"),  # see `floor_output`
 }
 FLOOR = "no-dispatch floor"
+UNFUSED = "dropless bucketed 3-call"  # bucketed without the fused expert SwiGLU: three grouped_matmul calls
 DEFAULT_IMPL = "dropless bucketed"  # the CPU default (`moe_gmm_impl="auto"`)
 DEFAULT_IMPLS = ["dropless bucketed", "dropless tiled", FLOOR]  # the others are slow at 4096 tokens (header)
 GOAL = 1.2  # the issue's goal: step(E=64) / step(E=8) of the default path
@@ -91,7 +98,9 @@ def build(args, seq: int, e: int, impl: str):
 
     x = jax.random.normal(jax.random.key(1), (args.batch, seq, args.hidden), jnp.float32)
     t0 = time.perf_counter()
-    step = jax.jit(jax.value_and_grad(loss, has_aux=True)).lower(params, x).compile()
+    with unittest.mock.patch.object(moe_module, "expert_swiglu", functools.partial(expert_swiglu, fused=False)) \
+            if impl == UNFUSED else contextlib.nullcontext():  # traced inside lower()
+        step = jax.jit(jax.value_and_grad(loss, has_aux=True)).lower(params, x).compile()
     compile_s = time.perf_counter() - t0
     mem = step.memory_analysis()
     peak = mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
@@ -230,7 +239,9 @@ def header(args, groups: list[str], load: tuple[float, float], wall_s: float) ->
             f"sort, no gathers; `floor_output`): what it costs more at E=64 than at E=8 no dispatch can "
             f"save. Peak MiB is XLA's buffer "
             f"estimate (`compiled.memory_analysis()`: temp + argument + output bytes), not a measured RSS. The "
-            f"dropless paths agree (relative {RTOL:g}) before timing. Left out by default to keep the run short "
+            f"dropless paths agree (relative {RTOL:g}) before timing. `dropless bucketed` runs the experts' "
+            f"SwiGLU fused on one bucket layout (`gmm.expert_swiglu`); `{UNFUSED}` is the same dispatch with "
+            f"three `grouped_matmul` calls, each building its own layout. Left out by default to keep the run short "
             f"(`--impls` adds them): `dropless ragged_dot` (XLA's dense CPU fallback) and `dense` grow with E by "
             f"construction (~9× at E=64, 1024 tokens), `capacity` is flat in E but its one-hot dispatch grows "
             f"with tokens² (~8 s a step at 4096 tokens). Run `python -m experiments.bench.moe "
@@ -255,7 +266,7 @@ def main() -> None:
     p.add_argument("--impls", type=lambda s: s.split(","), default=DEFAULT_IMPLS,
                    help=f"comma-separated, of {list(IMPLS)}")
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq", type=ints, default=[1024, 256], help="comma-separated: one row group each")
+    p.add_argument("--seq", type=ints, default=[2048, 1024, 256], help="comma-separated: one row group each")
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--width", type=int, default=256, help="expert intermediate size")
     p.add_argument("--k", type=int, default=4, help="experts per token")

@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ernie_jax.model.gmm import bucket_branch, bucket_branches, default_tile, grouped_matmul, overflow_tiles
+from ernie_jax.model.gmm import (bucket_branch, bucket_branches, default_tile, expert_swiglu, grouped_matmul,
+                                  overflow_tiles)
 
 K, N = 16, 8
 
@@ -237,3 +238,88 @@ def test_bucketed_in_shard_map_shards_take_different_branches():
     np.testing.assert_allclose(np.asarray(out), np.concatenate([r[0] for r in refs]), atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(np.asarray(dl), np.concatenate([r[1] for r in refs]), atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(np.asarray(dr), refs[0][2] + refs[1][2], atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- expert_swiglu
+# The fused `bucketed` expert SwiGLU (one layout for gate, up, activation and down projection, its own
+# custom_vjp) against the three-call path and a dense per-row oracle, values and gradients, in every branch
+# kind: tiles unused, partly and exactly full, a larger bucket, the `tiled` fallback, empty groups, and rows past
+# sum(group_sizes) (the MoE's slots with the out-of-range expert id E: no group, zero output, no gradient).
+I_SW = 8
+M_SW = 128  # G = 8, mean group 16 -> branches (24, 2, 16), (16, 4, 16), (32, 2, 16), (16, 6, 16), then the fallback 4
+SWIGLU_CASES = {  # name: (group_sizes, expected branch)
+    "tile_and_empty_groups": ([40, 24, 0, 16, 16, 16, 8, 8], 0),
+    "tiles_trailing_rows": ([60, 3, 0, 0, 0, 0, 0, 0], 1),  # 65 rows past the groups
+    "four_groups_over": ([30, 30, 30, 20, 0, 0, 0, 0], 1),
+    "larger_bucket": ([0, 0, 90, 0, 0, 0, 1, 0], 3),
+    "fallback": ([100, 28, 0, 0, 0, 0, 0, 0], 4),
+    "fallback_trailing_rows": ([0, 120, 0, 0, 0, 0, 2, 0], 4),
+}
+
+
+def _swiglu_inputs(sizes, m, seed=0):
+    r = np.random.RandomState(seed)
+    g = len(sizes)
+    x = jnp.asarray(r.randn(m, K), jnp.float32)
+    wg, wu = (jnp.asarray(0.3 * r.randn(g, K, I_SW), jnp.float32) for _ in range(2))
+    wo = jnp.asarray(0.3 * r.randn(g, I_SW, K), jnp.float32)
+    return x, wg, wu, wo, jnp.asarray(sizes, jnp.int32), jnp.asarray(r.randn(m, K), jnp.float32)
+
+
+def _swiglu_dense(x, wg, wu, wo, sizes):
+    """Every row with its own group's weights (gathered per row), rows past the groups zero."""
+    row_group = jnp.searchsorted(jnp.cumsum(sizes), jnp.arange(x.shape[0]), side="right")
+    real = row_group < sizes.shape[0]
+    gi = jnp.minimum(row_group, sizes.shape[0] - 1)
+    h = jax.nn.silu(jnp.einsum("MK,MKI->MI", x, wg[gi])) * jnp.einsum("MK,MKI->MI", x, wu[gi])
+    return jnp.where(real[:, None], jnp.einsum("MI,MIK->MK", h, wo[gi]), 0)
+
+
+@functools.partial(jax.jit, static_argnames=("fn",))
+def _swiglu_run(x, wg, wu, wo, sizes, cot, *, fn):
+    """fn's value and the gradients of sum(fn * cot), from one forward (one compile per fn; sizes are traced)."""
+    y, vjp = jax.vjp(lambda *a: fn(*a, sizes), x, wg, wu, wo)
+    return y, vjp(cot)
+
+
+_FUSED = functools.partial(expert_swiglu, act=jax.nn.silu, impl="bucketed")
+_UNFUSED = functools.partial(expert_swiglu, act=jax.nn.silu, impl="bucketed", fused=False)
+
+
+@pytest.mark.parametrize("case", SWIGLU_CASES)
+def test_expert_swiglu_fused_matches_unfused_and_dense(case):
+    sizes, branch = SWIGLU_CASES[case]
+    assert int(bucket_branch(jnp.asarray(sizes), bucket_branches(M_SW, 8))) == branch
+    args = _swiglu_inputs(sizes, M_SW)
+    y, grads = _swiglu_run(*args, fn=_FUSED)
+    for ref_fn in (_UNFUSED, _swiglu_dense):
+        y_ref, grads_ref = _swiglu_run(*args, fn=ref_fn)
+        for got, want in zip((y, *grads), (y_ref, *grads_ref)):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
+    n = sum(sizes)
+    if n < M_SW:  # rows past the groups: exactly zero, and no gradient flows into them
+        assert not np.asarray(y[n:]).any() and not np.asarray(grads[0][n:]).any()
+
+
+def test_expert_swiglu_other_impls_are_the_three_calls():
+    """Every impl but `bucketed` (and `bucketed` with `fused=False`) is the three-call path (one switch per call
+    for bucketed, one in all when fused); tiled against the dense oracle."""
+    args = _swiglu_inputs(SWIGLU_CASES["four_groups_over"][0], M_SW, seed=3)
+    y_ref, grads_ref = _swiglu_run(*args, fn=_swiglu_dense)
+    y, grads = _swiglu_run(*args, fn=functools.partial(expert_swiglu, act=jax.nn.silu, impl="tiled"))
+    for got, want in zip((y, *grads), (y_ref, *grads_ref)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
+    x, wg, wu, wo, gs, _ = args
+    for impl, fused, switches in (("tiled", True, 0), ("bucketed", False, 3), ("bucketed", True, 1)):
+        fn = functools.partial(expert_swiglu, act=jax.nn.silu, impl=impl, fused=fused)
+        assert len(list(_conds(jax.make_jaxpr(lambda a: fn(a, wg, wu, wo, gs))(x).jaxpr))) == switches  # noqa: B023
+
+
+def test_expert_swiglu_fused_switches_carry_gate_and_up_only():
+    """One forward switch returning (y, gate, up) for the backward, one backward switch returning the four
+    cotangents: the layout is built once per pass, not once per matmul."""
+    x, wg, wu, wo, gs, cot = _swiglu_inputs(SWIGLU_CASES["tile_and_empty_groups"][0], M_SW)
+    f = lambda *a: jnp.sum(_FUSED(*a, gs) * cot)  # noqa: E731
+    conds = list(_conds(jax.make_jaxpr(jax.value_and_grad(f, argnums=(0, 1, 2, 3)))(x, wg, wu, wo).jaxpr))
+    assert sorted(len(c.outvars) for c in conds) == [3, 4]
+    assert all(len(c.params["branches"]) == 5 for c in conds)  # 4 branches + the fallback

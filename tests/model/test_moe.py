@@ -76,6 +76,7 @@ def _expert_out(ex, xt):
 
 # ------------------------------------------------------------------------------------- dispatch paths
 PATHS = {
+    "dropless_bucketed": dict(moe_dispatch="dropless", moe_gmm_impl="bucketed"),  # the fused expert SwiGLU
     "dropless_tiled": dict(moe_dispatch="dropless", moe_gmm_impl="tiled"),
     "dropless_ragged_dot": dict(moe_dispatch="dropless", moe_gmm_impl="ragged_dot"),
     "capacity_no_drop": dict(moe_dispatch="capacity", moe_capacity_factor=E / K),  # capacity = T: never full
