@@ -1,18 +1,26 @@
 """The embedded multimodal corpus: rendered shapes with checkable questions (visual question answering).
 
-A scene is a plain white picture of 56..140 px per side (any aspect ratio in that range; the image processor
-snaps it to multiples of 28) holding 1..4 non-overlapping flat-colour shapes (circle / square / triangle in
-red, green, blue, yellow, purple). Question types (`TASKS`), with answers drawn *uniformly and independently
+A scene is a plain white picture of 84..140 px per side (any aspect ratio in that range; the image processor
+snaps it to multiples of 28) holding 1..2 non-overlapping flat-colour shapes (circle / square / triangle in
+red, green, blue, yellow, purple) of 20 px or more across, i.e. at least 3/4 of a 28-px LM token (version 1
+drew 1..4 shapes from 14 px in 56..140 px pictures: a tiny model from scratch did not get past the answer
+priors within a CPU run; these scenes it learns, see experiments/configs/tiny_vl.py). Question types (`TASKS`), with answers drawn *uniformly and independently
 of the question text and the picture sizes* before the scene is built to match, so an image-blind model can
 do no better than `CHANCE[task]`:
 
-    count_colour  picture 1 <img> how many red shapes =                       0..3        1/4
-    count_kind    picture 1 <img> how many circles =                          0..3        1/4
+    count_colour  picture 1 <img> how many red shapes =                       0..2        1/3
+    count_kind    picture 1 <img> how many circles =                          0..2        1/3
     colour        picture 1 <img> colour of the circle =                      5 colours   1/5
     kind          picture 1 <img> shape of the red one =                      3 shapes    1/3
     relation      picture 1 <img> is the red square left or right of the ... left/right  1/2
     exists        picture 1 <img> is there a green triangle =                 yes/no      1/2
     compare       picture 1 <img> picture 2 <img> which picture has more circles =  1/2   1/2
+    describe      picture 1 <img> the shapes from left to right =   red circle and blue square   1/30
+
+`describe` is a caption with a checkable answer (every shape, left to right; 1..2 shapes, each colour and
+kind uniform): it carries a learning signal in every answer token, where a question carries one token's
+worth, which is what lets a tiny model from scratch ground its answers in the pixels within a CPU run (real
+recipes align vision on captions too). Its chance is that of the best blind guess (one shape, any kind).
 
 (the tokenizer of the text corpus has no "?" or ":" and no capital P, hence the wording.)
 
@@ -48,13 +56,16 @@ from ernie_jax.data.synthetic import _write_atomic, draw_split
 
 COLOURS = ("red", "green", "blue", "yellow", "purple")
 KINDS = ("circle", "square", "triangle")
-TASKS = ("count_colour", "count_kind", "colour", "kind", "relation", "exists", "compare")
-CHANCE = {"count_colour": 1 / 4, "count_kind": 1 / 4, "colour": 1 / len(COLOURS), "kind": 1 / len(KINDS),
-          "relation": 1 / 2, "exists": 1 / 2, "compare": 1 / 2}
+TASKS = ("count_colour", "count_kind", "colour", "kind", "relation", "exists", "compare", "describe")
 PALETTE = np.array([(255, 255, 255), (220, 40, 40), (40, 170, 60), (40, 90, 220), (235, 200, 30), (150, 60, 180)],
                    np.uint8)  # background, then COLOURS
-MIN_SIDE, MAX_SIDE = 56, 140
-MAX_SHAPES, MAX_COUNT = 4, 3
+MIN_SIDE, MAX_SIDE = 84, 140
+MAX_SHAPES, MAX_COUNT = 2, 2
+MIN_R, R_DIV = 10, 4  # shape half-size in px: MIN_R .. max(MIN_R + 1, min(w, h) // R_DIV)
+CHANCE = {"count_colour": 1 / (MAX_COUNT + 1), "count_kind": 1 / (MAX_COUNT + 1), "colour": 1 / len(COLOURS),
+          "kind": 1 / len(KINDS), "relation": 1 / 2, "exists": 1 / 2, "compare": 1 / 2,
+          "describe": 1 / (MAX_SHAPES * len(COLOURS) * len(KINDS))}
+VERSION = 2  # of the corpus bytes; bump on any change to what `generate` writes (2: `describe`, bigger shapes)
 TRAIN_DOCS = 20_000
 HELDOUT_DOCS = 1_000
 _PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles"}
@@ -93,12 +104,12 @@ def png_bytes(scene: dict) -> bytes:
 def _place(rng: random.Random, descs: list[tuple[str, str]], w: int, h: int,
            ok=lambda shapes: True) -> list[dict]:
     """Shapes with the given (colour, kind) at random non-overlapping positions; `ok` may reject a layout."""
-    rmax = max(8, min(w, h) // 6)
+    rmax = max(MIN_R + 1, min(w, h) // R_DIV)
     while True:
         shapes: list[dict] = []
         for colour, kind in descs:
             for _ in range(100):
-                r = rng.randint(7, rmax)
+                r = rng.randint(MIN_R, rmax)
                 x, y = rng.randint(r, w - r), rng.randint(r, h - r)
                 if all(abs(x - o["x"]) >= r + o["r"] + _GAP or abs(y - o["y"]) >= r + o["r"] + _GAP for o in shapes):
                     shapes.append({"colour": colour, "kind": kind, "r": r, "x": x, "y": y})
@@ -169,7 +180,15 @@ def _example(task: str, rng: random.Random) -> dict:
             extra = _others(rng, rng.randint(1 if n == 0 else 0, MAX_SHAPES - n), lambda c2, k2: k2 != k)
             scenes.append(_scene(rng, [(rng.choice(COLOURS), k) for _ in range(n)] + extra))
         return {"task": task, "params": {"kind": k}, "scenes": scenes, "answer": f" {more}"}
+    if task == "describe":
+        descs = [(rng.choice(COLOURS), rng.choice(KINDS)) for _ in range(rng.randint(1, MAX_SHAPES))]
+        scene = _scene(rng, descs, ok=lambda sh: len({s["x"] for s in sh}) == len(sh))  # a strict left-to-right order
+        return {"task": task, "params": {}, "scenes": [scene], "answer": _caption(scene["shapes"])}
     raise ValueError(f"unknown task {task!r}")
+
+
+def _caption(shapes: list[dict]) -> str:
+    return " " + " and ".join(f"{s['colour']} {s['kind']}" for s in sorted(shapes, key=lambda s: s["x"]))
 
 
 def _find(shapes: list[dict], desc) -> dict:
@@ -197,6 +216,8 @@ def question(task: str, params: dict) -> str:
         return f"is there a {params['colour']} {params['kind']} ="
     if task == "compare":
         return f"which picture has more {_PLURAL[params['kind']]} ="
+    if task == "describe":
+        return "the shapes from left to right ="
     raise ValueError(f"unknown task {task!r}")
 
 
@@ -228,6 +249,10 @@ def derive_answer(task: str, params: dict, scenes: list[dict]) -> str:
         if n1 == n2:
             raise ValueError("compare: both pictures have the same count")
         return " 1" if n1 > n2 else " 2"
+    if task == "describe":
+        if len({s["x"] for s in shapes}) != len(shapes):
+            raise ValueError("describe: two shapes share a centre column")
+        return _caption(shapes)
     raise ValueError(f"unknown task {task!r}")
 
 
@@ -276,13 +301,15 @@ def _jsonl(rows: list[dict]) -> bytes:
 
 def generate(out_dir: str | os.PathLike, *, train_docs: int = TRAIN_DOCS, heldout_docs: int = HELDOUT_DOCS
              ) -> dict[str, Path]:
-    """Writes train.jsonl and heldout.jsonl (deterministic bytes)."""
+    """Writes train.jsonl and heldout.jsonl (deterministic bytes), then the `version` stamp."""
     out = Path(out_dir)
     paths = {"train": out / "train.jsonl", "heldout": out / "heldout.jsonl"}
+    (out / "version").unlink(missing_ok=True)  # a crash below leaves no stamp: regenerated on next use
     _write_atomic(paths["train"], _jsonl(examples("train", train_docs, seed=4321)))
     _write_atomic(paths["heldout"], _jsonl(examples("heldout", heldout_docs, seed=8765)))
     for p in paths.values():
         Path(str(p) + ".idx").unlink(missing_ok=True)  # rebuilt on first use
+    _write_atomic(out / "version", f"{VERSION}\n".encode())
     return paths
 
 
@@ -293,11 +320,12 @@ def vqa_data_dir() -> Path:
 
 
 def ensure_vqa_data(out_dir: str | os.PathLike | None = None) -> dict[str, Path]:
-    """Generates the corpus on first use; returns its paths."""
+    """Generates the corpus on first use (or when its `version` stamp is not `VERSION`); returns its paths."""
     out = Path(out_dir) if out_dir is not None else vqa_data_dir()
     paths = {"train": out / "train.jsonl", "heldout": out / "heldout.jsonl"}
-    if not all(p.exists() for p in paths.values()):
-        generate(out)
+    stamp = out / "version"
+    if not (all(p.exists() for p in paths.values()) and stamp.exists() and stamp.read_text().strip() == str(VERSION)):
+        generate(out)  # missing, or written by another version of this module
     return paths
 
 

@@ -89,6 +89,10 @@ def _answer_from_spec(e) -> str:
         n1, n2 = (_count(sc["shapes"], kind=p["kind"]) for sc in scenes)
         assert n1 != n2
         return " 1" if n1 > n2 else " 2"
+    if e["task"] == "describe":
+        xs = [s["x"] for s in shapes]
+        assert len(set(xs)) == len(xs)  # a strict order
+        return " " + " and ".join(f"{s['colour']} {s['kind']}" for _, s in sorted(zip(xs, shapes), key=lambda t: t[0]))
     raise AssertionError(e["task"])
 
 
@@ -123,18 +127,29 @@ def test_answers_match_scenes_and_pixels(corpus):
 
 def test_answers_are_uniform_so_chance_is_known():
     """Answers are drawn uniformly and independently of the picture size: the best image-blind accuracy is
-    CHANCE[task]. Checked on 7000 drawn scenes (no PNG encoding, fast)."""
+    CHANCE[task]. Checked on 8000 drawn scenes (no PNG encoding, fast)."""
     rng = random.Random(0)
     answers, sizes = collections.defaultdict(collections.Counter), collections.defaultdict(list)
-    for i in range(7000):
+    for i in range(8000):
         e = vqa._example(vqa.TASKS[i % len(vqa.TASKS)], rng)
         answers[e["task"]][e["answer"]] += 1
         sizes[e["task"], e["answer"]].append(np.mean([sc["w"] * sc["h"] for sc in e["scenes"]]))
+    captions = answers.pop("describe")  # 1..MAX_SHAPES shapes, each colour and kind uniform
+    words = [a.split(" and ") for a in captions.elements()]
+    n_shapes = collections.Counter(len(w) for w in words)
+    assert sorted(n_shapes) == list(range(1, vqa.MAX_SHAPES + 1))
+    assert max(n_shapes.values()) / min(n_shapes.values()) < 1.4, n_shapes
+    pairs = collections.Counter(tuple(p.split()) for w in words for p in w)
+    assert len(pairs) == len(vqa.COLOURS) * len(vqa.KINDS) and max(pairs.values()) / min(pairs.values()) < 1.6
+    single = [w[0] for w in words if len(w) == 1]
+    # the best blind guess is any one-shape caption: P(1 shape) x P(that colour and kind)
+    assert abs(len(single) / len(words) - 1 / vqa.MAX_SHAPES) < 0.05
+    assert vqa.CHANCE["describe"] == pytest.approx(1 / vqa.MAX_SHAPES / len(pairs))
     for task, counts in answers.items():
         assert len(counts) == round(1 / vqa.CHANCE[task]), (task, counts)
         freq = np.array(list(counts.values())) / sum(counts.values())
         assert abs(freq - vqa.CHANCE[task]).max() < 0.06, (task, counts)
-    mean_area = {k: np.mean(v) for k, v in sizes.items()}
+    mean_area = {k: np.mean(v) for k, v in sizes.items() if k[0] != "describe"}  # captions: too many to count
     overall = np.mean([a for v in sizes.values() for a in v])
     assert all(abs(a / overall - 1) < 0.12 for a in mean_area.values()), mean_area  # size says nothing
 
@@ -146,3 +161,23 @@ def test_check_vqa_answer():
     assert not vqa.check_vqa_answer(ex, "")
     assert vqa.check_vqa_answer({"answer": " no"}, " no") and not vqa.check_vqa_answer({"answer": " no"}, " none")
     assert not vqa.check_vqa_answer({"answer": ""}, "")
+
+
+def test_corpus_is_regenerated_when_its_version_stamp_differs(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(vqa, "generate", lambda out: calls.append(out))
+    for name in ("train.jsonl", "heldout.jsonl"):
+        (tmp_path / name).write_text("{}\n")
+    vqa.ensure_vqa_data(tmp_path)  # no stamp: written by an older version
+    (tmp_path / "version").write_text("1\n")
+    vqa.ensure_vqa_data(tmp_path)
+    assert calls == [tmp_path, tmp_path]
+    (tmp_path / "version").write_text(f"{vqa.VERSION}\n")
+    vqa.ensure_vqa_data(tmp_path)
+    assert len(calls) == 2
+
+
+def test_generate_writes_the_version_stamp_last(corpus):
+    stamp = corpus["train"].parent / "version"
+    assert stamp.read_text() == f"{vqa.VERSION}\n"
+    assert stamp.stat().st_mtime_ns >= max(p.stat().st_mtime_ns for p in corpus.values())
