@@ -76,9 +76,17 @@ def _vqa_answers(model: nnx.Module, data_cfg, examples: list[dict], max_new: int
     from ernie_jax.inference.greedy import greedy_generate_multimodal  # noqa: PLC0415
     tok = SentencePieceTokenizer(data_cfg.tokenizer)
     prompts = [encode_example_prompt(e, data_cfg) for e in examples]
-    max_new = max_new or max(len(tok.encode(e["answer"])) for e in examples) + 2
-    outs = greedy_generate_multimodal(model, prompts, max_new, pad_id=data_cfg.pad_id, eos_id=tok.eos_id)
-    return [_completion(tok, p.input_ids.tolist(), o) for p, o in zip(prompts, outs)]
+    out: list[str] = [""] * len(examples)
+    by_task: dict[str, list[int]] = {}
+    for i, e in enumerate(examples):
+        by_task.setdefault(e["task"], []).append(i)
+    for idx in by_task.values():  # per question type: short answers do not decode for as long as captions
+        n_new = max_new or max(len(tok.encode(examples[i]["answer"])) for i in idx) + 2
+        outs = greedy_generate_multimodal(model, [prompts[i] for i in idx], n_new, pad_id=data_cfg.pad_id,
+                                          eos_id=tok.eos_id)
+        for i, o in zip(idx, outs):
+            out[i] = _completion(tok, prompts[i].input_ids.tolist(), o)
+    return out
 
 
 def _text_task() -> _Task:
