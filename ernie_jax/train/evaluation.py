@@ -60,7 +60,7 @@ class _Task:
     answer: Callable[[nnx.Module, object, list[dict], int | None], list[str]]  # greedy completions
     check: Callable[[dict, str], bool]
     describe: Callable[[dict], str]  # the prompt, for printing
-    chance: dict[str, float] | None = None  # per task: accuracy of uniform guessing
+    chance: dict[str, float] | None = None  # per task: the best image-blind (answer-prior) accuracy
 
 
 def _text_answers(model: nnx.Module, data_cfg, examples: list[dict], max_new: int | None) -> list[str]:
@@ -150,7 +150,8 @@ def make_eval_fn(data_cfg, heldout_cfg, n_examples: int, lm_batches: int = 4
 def make_vqa_eval_fn(data_cfg, heldout_cfg, n_examples: int, lm_batches: int = 2
                      ) -> Callable[[nnx.Module, int], dict[str, float]]:
     """VQA corpus (VL models): held-out LM loss on packed image batches, accuracy per question type of
-    greedy answers to held-out image questions, and `eval/chance` (uniform guessing, same questions)."""
+    greedy answers to held-out image questions, and `eval/chance` (the best image-blind accuracy over the
+    same questions, `synthetic_vqa.CHANCE`)."""
     from ernie_jax.data.multimodal import make_multimodal_pipeline  # noqa: PLC0415
     from ernie_jax.train.step import VL_KEYS  # noqa: PLC0415
     batches = []

@@ -11,8 +11,20 @@ ERNIE-4.5 staged recipe on the embedded data, on CPU. One file, one stage per ar
 - `joint`: everything trains on the VQA corpus, token-balanced loss, from the vision stage's export.
 Each stage exports its final weights to WORKDIR/hf (transformers layout), which the next stage's
 `init_from` reads; point `--config.init_from` elsewhere for other workdirs, or at released weights.
-`joint` alone (with `--config.init_from=''`) trains from scratch. The VQA stages report held-out accuracy
-per question type next to `eval/chance` (uniform guessing over the same questions).
+`joint` alone (with `--config.init_from=''`) trains from scratch: the tiny multimodal default, one command
+(600 steps, ~12 min on 2 CPU cores). The VQA stages report held-out accuracy per question type next to
+`eval/chance` (the best image-blind guess over the same questions).
+
+The VQA stages train at a peak LR of 3e-4 (the text stage at 3e-3, like the text default), on the answers only
+(the questions are templates). Measured on the single-shape colour question from scratch (teacher-forced
+exact match on held-out questions, chance 0.2): LR 3e-3 0.18 after 300 steps (the answers stay at their
+prior), 1e-3 0.38 / 0.56 / 0.62 after 100 / 200 / 300, 3e-4 0.92 / 0.97 after 100 / 200.
+
+Measured (2026-11-28, `joint` from scratch, this config, 2 loaded CPU cores, 11 min 52 s for 600 steps):
+held-out accuracy 0.400 after 300 steps and 0.456 after 600 over 160 questions, image-blind chance 0.342;
+per type after 600 (20 each, chance in brackets): colour 0.80 (0.20), exists 0.75 (0.50), kind 0.45 (0.33),
+relation 0.45 (0.50), compare 0.45 (0.50), count_colour 0.30 (0.33), count_kind 0.25 (0.33), describe 0.20
+(0.03). Held-out answer loss 0.212 with the real pictures, 1.229 with noise pictures.
 """
 
 from ml_collections import ConfigDict
@@ -28,19 +40,21 @@ def get_config(stage: str = "joint") -> ConfigDict:
     c.model = "tiny-vl"
     c.model_overrides = ConfigDict({})
     c.mesh = ConfigDict({"data": 1, "fsdp": -1, "expert": 1, "tensor": 1, "pipeline": 1, "rules": "fsdp"})
-    c.optimizer = ConfigDict({"peak_lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 30, "decay_fraction": 0.25,
+    vqa = stage != "text"
+    c.optimizer = ConfigDict({"peak_lr": 3e-4 if vqa else 3e-3, "min_lr": 3e-5 if vqa else 3e-4,
+                              "warmup_steps": 30, "decay_fraction": 0.25,
                               "weight_decay": 0.1, "clip_norm": 1.0, "trainable": []})
     c.loss = ConfigDict({"aux_coef": 1e-3, "z_coef": 0.0, "orth_coef": 0.0, "mtp_coef": 0.0, "aux_free_coef": 1e-3,
                          "ema_window": 0.0})
-    c.total_steps = 300
+    c.total_steps = 600 if stage == "joint" else 300
     c.micro_batches = 1
     c.seed = 0
     c.log_every_steps = 10
     c.checkpoint_every_steps = 100
     c.keep_checkpoints = 2
-    c.eval_every_steps = 150
-    c.eval_examples = 70  # 10 held-out questions per type
-    c.samples = 7
+    c.eval_every_steps = 300 if stage == "joint" else 150
+    c.eval_examples = 160  # 20 held-out questions per type
+    c.samples = 8
     c.export_hf = True
     c.init_from = {"text": "", "vision": "runs/tiny_vl_text/hf", "joint": "runs/tiny_vl_vision/hf"}[stage]
     if stage == "text":
@@ -49,7 +63,7 @@ def get_config(stage: str = "joint") -> ConfigDict:
         c.samples = 4
     else:
         c.data = ConfigDict({"kind": "vqa", "seq_len": 128, "global_batch_size": 16, "max_patches_per_row": 256,
-                             "max_images_per_row": 8, "max_docs_per_row": 8, "answer_only_loss": False})
+                             "max_images_per_row": 8, "max_docs_per_row": 8, "answer_only_loss": True})
     if stage == "vision":
         c.optimizer.trainable = list(_VISION_PARAMS)
     return c
