@@ -17,14 +17,15 @@ Implementations, chosen by `ErnieConfig.moe_gmm_impl`:
   Its own `custom_vjp`, see `_bucketed`. The MoE experts' SwiGLU runs fused on it (`expert_swiglu`): one
   layout per pass for gate, up, the activation and the down projection instead of one per matmul.
 - `pallas`: the Pallas kernel of `pallas_kernels.gmm` (its own issue).
-`auto` picks `ragged_dot` on TPU and `bucketed` elsewhere. CPU (2 cores shared with another job; docs/benchmarks.md,
-MoE scaling, median / min / paired): from 8 to 64 experts at equal active parameters the MoE block's step time
-with the fused `expert_swiglu` grows 1.10 / 1.15 / 1.16x at 4096 tokens (the no-dispatch floor 1.08 / 0.77 /
-1.06x), 1.24 / 1.17 / 1.26x at 8192 tokens (floor 1.06 / 1.16 / 1.13x) and 1.46 / 1.30 / 1.39x at 1024 tokens
-(floor 1.38 / 1.34 / 1.41x: weights and gradients bound); the three-call path 1.16 / 1.85 / 1.15x, 1.29 / 1.23 /
-1.28x and 1.46 / 1.49 / 1.45x, `tiled` 1.56-2.39x. The fused step's median is 3-9% below the three-call one's
-(E=64: 410 vs 449 ms at 4096 tokens, 895 vs 983 ms at 8192), though XLA's buffer estimate is larger (E=64,
-4096 tokens: 456 vs 328 MiB).
+`auto` picks `ragged_dot` on TPU and `bucketed` elsewhere. CPU (docs/benchmarks.md, MoE scaling, median / min /
+paired, 2 cores at load ~2.2): from 8 to 64 experts at equal active parameters the MoE block's step time with
+the fused `expert_swiglu` grows 1.14 / 1.16 / 1.15x at 4096 tokens (the no-dispatch floor 1.01 / 1.00 / 1.01x),
+1.22 / 1.58 / 1.22x at 8192 tokens (floor 1.03 / 1.14 / 1.13x) and 1.49 / 1.51 / 1.58x at 1024 tokens (floor
+1.30 / 1.34 / 1.34x: weights and gradients bound), `tiled` 1.55-2.09x. An earlier run at load ~3.5 with the
+three-call path beside it: fused 1.10 / 1.15 / 1.16x, 1.24 / 1.17 / 1.26x, 1.46 / 1.30 / 1.39x; three-call
+1.16 / 1.85 / 1.15x, 1.29 / 1.23 / 1.28x, 1.46 / 1.49 / 1.45x; the fused step's median 3-9% below the
+three-call one's (E=64: 410 vs 449 ms at 4096 tokens, 895 vs 983 ms at 8192), though XLA's buffer estimate is
+larger (E=64, 4096 tokens: 456 vs 328 MiB).
 GPU: on an H200 (jax 0.11.2, bf16, 21B-A3B up-proj: M 24576, K 2560, N 1536, 64 groups, max / mean group
 1.4 and 2.5) the previous bucket-only layout of `bucketed` took 0.95 / 1.5 ms forward and 2.4 / 3.7 ms
 forward+backward, `tiled` 1.9 and 12.5 ms, `ragged_dot` 16.5 and 106 ms (not re-measured with the overflow
