@@ -123,6 +123,6 @@ def test_vl_vision_stage_from_export_trains_only_vision_parts(tmp_path, monkeypa
     assert any("vision_router/bias" in p for p in changed)
     # VQA evaluation: held-out loss, per-type accuracy, chance level
     ev = make_vqa_eval_fn(vqa_data_config(cfg, "train", **data_kw), vqa_data_config(cfg, "heldout", **data_kw),
-                          n_examples=7, lm_batches=1)(out["model"], 3)
+                          n_examples=len(synthetic_vqa.TASKS), lm_batches=1)(out["model"], 3)
     assert np.isfinite(ev["eval/loss"]) and 0 <= ev["eval/accuracy"] <= 1 and 0.25 < ev["eval/chance"] < 0.5
     assert {k for k in ev if k.startswith("eval/acc_")} == {f"eval/acc_{t}" for t in synthetic_vqa.TASKS}
