@@ -4,9 +4,9 @@ A scene is a plain white picture of 84..140 px per side (any aspect ratio in tha
 snaps it to multiples of 28) holding 1..2 non-overlapping flat-colour shapes (circle / square / triangle in
 red, green, blue, yellow, purple) of 20 px or more across, i.e. at least 3/4 of a 28-px LM token (version 1
 drew 1..4 shapes from 14 px in 56..140 px pictures: a tiny model from scratch did not get past the answer
-priors within a CPU run; these scenes it learns, see experiments/configs/tiny_vl.py). Question types (`TASKS`), with answers drawn *uniformly and independently
-of the question text and the picture sizes* before the scene is built to match, so an image-blind model can
-do no better than `CHANCE[task]`:
+priors within a CPU run; these scenes it learns, see experiments/configs/tiny_vl.py). Question types
+(`TASKS`), with answers drawn *uniformly and independently of the question text and the picture sizes* before
+the scene is built to match, so an image-blind model can do no better than `CHANCE[task]`:
 
     count_colour  picture 1 <img> how many red shapes =                       0..2        1/3
     count_kind    picture 1 <img> how many circles =                          0..2        1/3

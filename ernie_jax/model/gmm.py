@@ -165,7 +165,8 @@ class _Layout(NamedTuple):
         gc, d = self.g * self.c, yb.shape[-1]
         y = yb.reshape(gc, d)[jnp.minimum(self.pos, gc - 1)]
         if yo is not None:
-            y = jnp.where((self.pos < gc)[:, None], y, yo.reshape(-1, d)[jnp.clip(self.pos - gc, 0, self.n * self.t - 1)])
+            yt = yo.reshape(-1, d)[jnp.clip(self.pos - gc, 0, self.n * self.t - 1)]
+            y = jnp.where((self.pos < gc)[:, None], y, yt)
         return jnp.where(self.rvalid[:, None], y, 0)
 
 
