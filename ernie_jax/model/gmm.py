@@ -18,14 +18,14 @@ Implementations, chosen by `ErnieConfig.moe_gmm_impl`:
   layout per pass for gate, up, the activation and the down projection instead of one per matmul.
 - `pallas`: the Pallas kernel of `pallas_kernels.gmm` (its own issue).
 `auto` picks `ragged_dot` on TPU and `bucketed` elsewhere. CPU (docs/benchmarks.md, MoE scaling, median / min /
-paired, 2 cores at load ~2.2): from 8 to 64 experts at equal active parameters the MoE block's step time with
-the fused `expert_swiglu` grows 1.14 / 1.16 / 1.15x at 4096 tokens (the no-dispatch floor 1.01 / 1.00 / 1.01x),
-1.22 / 1.58 / 1.22x at 8192 tokens (floor 1.03 / 1.14 / 1.13x) and 1.49 / 1.51 / 1.58x at 1024 tokens (floor
-1.30 / 1.34 / 1.34x: weights and gradients bound), `tiled` 1.55-2.09x. An earlier run at load ~3.5 with the
-three-call path beside it: fused 1.10 / 1.15 / 1.16x, 1.24 / 1.17 / 1.26x, 1.46 / 1.30 / 1.39x; three-call
-1.16 / 1.85 / 1.15x, 1.29 / 1.23 / 1.28x, 1.46 / 1.49 / 1.45x; the fused step's median 3-9% below the
-three-call one's (E=64: 410 vs 449 ms at 4096 tokens, 895 vs 983 ms at 8192), though XLA's buffer estimate is
-larger (E=64, 4096 tokens: 456 vs 328 MiB).
+paired, 2 cores at load ~1): from 8 to 64 experts at equal active parameters the MoE block's step time with
+the fused `expert_swiglu` grows 1.08 / 1.17 / 1.09x at 8192 tokens (the no-dispatch floor 1.04 / 1.10 / 1.04x),
+1.15 / 1.14 / 1.18x at 4096 tokens (floor 1.09 / 1.01 / 1.04x), `tiled` 1.6x; other runs (load ~1-3.5) gave
+medians of 1.10-1.24x at 4096 and 8192 tokens. At 1024 tokens (64 rows per expert at E=64) even the floor grows 2.3x:
+XLA:CPU runs the batched expert matmul [64, 64, 256] x [64, 256, 256] on one core, 3.2x slower than the same
+FLOPs as [8, 512, 256] x [8, 256, 256] on two (`bucketed` 1.49x there). The fused step's median was 3-9% below
+the three-call one's (E=64: 410 vs 449 ms at 4096 tokens, 895 vs 983 ms at 8192, load ~3.5), though XLA's
+buffer estimate is larger (E=64, 4096 tokens: 456 vs 328 MiB).
 GPU: on an H200 (jax 0.11.2, bf16, 21B-A3B up-proj: M 24576, K 2560, N 1536, 64 groups, max / mean group
 1.4 and 2.5) the previous bucket-only layout of `bucketed` took 0.95 / 1.5 ms forward and 2.4 / 3.7 ms
 forward+backward, `tiled` 1.9 and 12.5 ms, `ragged_dot` 16.5 and 106 ms (not re-measured with the overflow

@@ -16,7 +16,9 @@ every token" einsum, whose cost grows with E by construction, and GShard capacit
 dispatch grows with tokens^2 (~8 s a step at 4096 tokens). For each E all paths see the same weights and
 inputs; the dropless paths (and `dense` where run) must agree before anything is timed. Besides wall time,
 the CPU time of the process over each step (user + kernel; the kernel part is mostly page faults on buffers
-XLA maps afresh each step). Peak memory is XLA's buffer estimate from the compiled executable's
+XLA maps afresh each step). Each token count also times XLA's batched matmul alone (`matmul_probe`), the
+floor's per-expert matmul at equal FLOPs, wall and CPU time: with few rows per expert it runs slower and on
+fewer cores at E = 64, which no dispatch can avoid. Peak memory is XLA's buffer estimate from the compiled executable's
 `memory_analysis()` (temp + argument + output bytes), not a measured RSS. The Markdown table is printed and
 written as the `## MoE scaling` section of `--out`; other sections are kept.
 """
@@ -84,6 +86,31 @@ def floor_output(block: MoEBlock, x: jax.Array):
     return jnp.einsum("TKH,TK->TH", ys, r.weights.astype(ys.dtype)).reshape(b, s, h), router_stats(r, None)
 
 
+def matmul_probe(args, seq: int) -> dict[int, tuple[float, float]]:
+    """E -> (median wall ms, median CPU ms) of one bare forward einsum [E, T*k/E, H] x [E, H, I] (fp32, the
+    floor's per-expert matmul shape): how XLA's batched matmul alone scales with E at these FLOPs. Timed in
+    rounds over E in a fresh random order, each call after an untimed one, as the steps are."""
+    slots = args.batch * seq * args.k
+    fns = {}
+    for e in args.experts:
+        x = jax.random.normal(jax.random.key(2), (e, slots // e, args.hidden), jnp.float32)
+        w = jax.random.normal(jax.random.key(3), (e, args.hidden, args.width), jnp.float32)
+        fns[e] = (jax.jit(lambda a, b: jnp.einsum("ECH,EHI->ECI", a, b)).lower(x, w).compile(), x, w)
+    wall: dict[int, list[float]] = {e: [] for e in fns}
+    cpu: dict[int, list[float]] = {e: [] for e in fns}
+    rng = np.random.default_rng(1)
+    for _ in range(args.repeats):
+        for e in rng.permutation(list(fns)):
+            f, x, w = fns[int(e)]
+            jax.block_until_ready(f(x, w))
+            r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+            jax.block_until_ready(f(x, w))
+            wall[int(e)].append(time.perf_counter() - t0)
+            r1 = resource.getrusage(resource.RUSAGE_SELF)
+            cpu[int(e)].append(r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime)
+    return {e: (1e3 * statistics.median(wall[e]), 1e3 * statistics.median(cpu[e])) for e in fns}
+
+
 def build(args, seq: int, e: int, impl: str):
     """A compiled step for E experts and one dispatch path, its inputs and XLA's memory estimate."""
     cfg = ernie_jax.get_preset("tiny", hidden_size=args.hidden, moe_num_experts=e, moe_k=args.k,
@@ -120,7 +147,7 @@ def check_agree(e: int, outs: dict) -> None:
             raise SystemExit(f"E={e}: {n} differs from {names[0]} by {err:.2e} (relative) > {RTOL:g}")
 
 
-def run(args, seq: int) -> tuple[list[dict], dict]:
+def run(args, seq: int) -> tuple[list[dict], dict, dict]:
     """One row group: every (E, impl) at `args.batch` x `seq` tokens."""
     tokens = args.batch * seq
     steps, rows, routing = {}, [], {}
@@ -176,7 +203,7 @@ def run(args, seq: int) -> tuple[list[dict], dict]:
         r["ratio_paired"] = statistics.median(a / b for a, b in pairs)
         pairs = zip(cpu[(r["e"], r["impl"])], cpu[(base["e"], base["impl"])])
         r["ratio_cpu"] = statistics.median(a[0] / b[0] for a, b in pairs)
-    return rows, routing
+    return rows, routing, matmul_probe(args, seq)
 
 
 def table(rows: list[dict], e0: int) -> str:
@@ -193,8 +220,8 @@ def table(rows: list[dict], e0: int) -> str:
     return "\n".join(lines)
 
 
-def group_lines(args, seq: int, rows: list[dict], routing: dict) -> str:
-    """Shape, routing and goal lines of one row group."""
+def group_lines(args, seq: int, rows: list[dict], routing: dict, probe: dict) -> str:
+    """Shape, routing, batched-matmul probe and goal lines of one row group."""
     e0, e1 = min(args.experts), max(args.experts)
     tokens = args.batch * seq
     load_txt = ", ".join(f"E={e} {v['max_mean']:.2f} / {v['min_mean']:.2f}" for e, v in routing.items())
@@ -205,6 +232,11 @@ def group_lines(args, seq: int, rows: list[dict], routing: dict) -> str:
            f"expert load max / min over mean slots per expert: {load_txt}; slots dropped by `capacity`: "
            f"{drop_txt}; rows `bucketed` computes (E × c + n × t over the slots, for the branch (c, n, t) of "
            f"buckets of c rows and n overflow tiles of t rows it picks): {rows_txt}\n")
+    e0_ms = probe[e0][0]
+    probe_txt = ", ".join(f"E={e} {w:.1f} ms wall / {c:.1f} ms CPU ({c / w:.1f} cores busy, {w / e0_ms:.2f}×)"
+                          for e, (w, c) in probe.items())
+    out += (f"  - XLA's batched matmul alone, one forward einsum [E, {tokens * args.k}/E, {args.hidden}] × "
+            f"[E, {args.hidden}, {args.width}] (the same FLOPs at every E): {probe_txt}\n")
     for impl in (i for i in IMPLS if i in args.impls and (i.startswith("dropless") or i == FLOOR)):
         if e0 == e1:
             break
@@ -217,6 +249,9 @@ def group_lines(args, seq: int, rows: list[dict], routing: dict) -> str:
             continue
         met = [k for k, v in stats.items() if v <= GOAL]
         verdict = "met" if len(met) == 3 else f"borderline: met by the {' and '.join(met)} only" if met else "missed"
+        floor = {x["e"]: x for x in rows if x["impl"] == FLOOR}
+        if verdict != "met" and floor and min(floor[e1]["ratio"], floor[e1]["ratio_paired"]) > GOAL:
+            verdict += f"; the `{FLOOR}` is above {GOAL} too, so no dispatch meets it at this token count"
         out += (f"  - step(E={e1}) / step(E={e0}) of `{impl}`{' (the CPU default)' if impl == DEFAULT_IMPL else ''}: "
                 + ratios + f" vs the goal ≤ {GOAL} (wall time): **{verdict}**\n")
     return out
@@ -238,7 +273,9 @@ def header(args, groups: list[str], load: tuple[float, float], wall_s: float) ->
             f"XLA maps afresh each step), its ratio paired as above. `{FLOOR}` is the block without "
             f"dispatch (router and statistics as in the block, token-slot s to expert s·E/(T·k): equal loads, no "
             f"sort, no gathers; `floor_output`): what it costs more at E=64 than at E=8 no dispatch can "
-            f"save. Peak MiB is XLA's buffer "
+            f"save. Under each token count, XLA's batched matmul alone (`matmul_probe`: one forward einsum of "
+            f"the floor's per-expert shape, same FLOPs at every E; cores busy = CPU / wall time) shows what the "
+            f"floor rests on: per-expert matmuls of few rows run slower and on fewer cores. Peak MiB is XLA's buffer "
             f"estimate (`compiled.memory_analysis()`: temp + argument + output bytes), not a measured RSS. The "
             f"dropless paths agree (relative {RTOL:g}) before timing. `dropless bucketed` runs the experts' "
             f"SwiGLU fused on one bucket layout (`gmm.expert_swiglu`); `{UNFUSED}` is the same dispatch with "
@@ -282,9 +319,9 @@ def main() -> None:
     t0, load_before = time.perf_counter(), os.getloadavg()[0]  # a busy host distorts every row
     rows, groups = [], []
     for seq in args.seq:
-        group_rows, routing = run(args, seq)
+        group_rows, routing, probe = run(args, seq)
         rows += group_rows
-        groups.append(group_lines(args, seq, group_rows, routing))
+        groups.append(group_lines(args, seq, group_rows, routing, probe))
     md = table(rows, min(args.experts))
     hdr = header(args, groups, (load_before, os.getloadavg()[0]), time.perf_counter() - t0)
     print(hdr + "\n" + md)
