@@ -1,25 +1,26 @@
 """MoE scaling on the host: step time of one MoE block at 8..64 experts with the same active parameters.
 
     python -m experiments.bench.moe [--experts 8,16,32,64] [--batch 4] [--seq 2048,1024,256] [--hidden 256]
-                                    [--width 256] [--k 4] [--repeats 11] [--impls ...]
+                                    [--width 256] [--k 4] [--repeats 15] [--impls ...] [--slow-max-tokens 1024]
 
 One step is the jitted `jax.value_and_grad` of `mean(y**2)` w.r.t. the `nnx.Param`s of one
 `ernie_jax.model.moe.MoEBlock` (router + routed SwiGLU experts, no shared expert), y the block's output.
 Top-k, the expert width and the hidden size stay fixed, so every E has the same active parameters and FLOPs
 per token; only the number of experts (total parameters) grows. Each `--seq` value is its own group of rows
 (batch x seq tokens), timed on its own. Dispatch paths: dropless with the `bucketed` grouped matmul (the CPU
-default; the experts' SwiGLU fused on one layout, `gmm.expert_swiglu`) and with `tiled`, and the no-dispatch
-floor (`floor_output`: equal loads by construction, no sort or gathers, the bound for any dispatch); with
+default; the experts' SwiGLU fused on one layout, `gmm.expert_swiglu`) and with `tiled`, the no-dispatch
+floor (`floor_output`: equal loads by construction, no sort or gathers, the bound for any dispatch), and, in
+the row groups of at most `--slow-max-tokens` tokens only (`SLOW`), dropless with `jax.lax.ragged_dot` (a dense
+fallback on CPU) and the dense "every expert on every token" einsum, whose cost grows with E by construction,
+and GShard capacity dispatch, whose one-hot dispatch grows with tokens^2 (~8 s a step at 4096 tokens). With
 `--impls`, also `dropless bucketed 3-call` (bucketed unfused: three `grouped_matmul` calls, each building its
-own layout), dropless with `jax.lax.ragged_dot` (a dense fallback on CPU) and the dense "every expert on
-every token" einsum, whose cost grows with E by construction, and GShard capacity dispatch, whose one-hot
-dispatch grows with tokens^2 (~8 s a step at 4096 tokens). For each E all paths see the same weights and
+own layout). For each E all paths see the same weights and
 inputs; the dropless paths (and `dense` where run) must agree before anything is timed. Besides wall time,
 the CPU time of the process over each step (user + kernel; the kernel part is mostly page faults on buffers
 XLA maps afresh each step). Each token count also times XLA's batched matmul alone (`matmul_probe`), the
 floor's per-expert matmul at equal FLOPs, wall and CPU time: with few rows per expert it runs slower and on
-fewer cores at E = 64, which no dispatch can avoid. Peak memory is XLA's buffer estimate from the compiled executable's
-`memory_analysis()` (temp + argument + output bytes), not a measured RSS. The Markdown table is printed and
+fewer cores at E = 64, which no dispatch can avoid. Peak memory is XLA's buffer estimate from the compiled
+executable's `memory_analysis()` (temp + argument + output bytes), not a measured RSS. The Markdown table is printed and
 written as the `## MoE scaling` section of `--out`; other sections are kept.
 """
 
@@ -64,7 +65,8 @@ IMPLS = {
 FLOOR = "no-dispatch floor"
 UNFUSED = "dropless bucketed 3-call"  # bucketed without the fused expert SwiGLU: three grouped_matmul calls
 DEFAULT_IMPL = "dropless bucketed"  # the CPU default (`moe_gmm_impl="auto"`)
-DEFAULT_IMPLS = ["dropless bucketed", "dropless tiled", FLOOR]  # the others are slow at 4096 tokens (header)
+DEFAULT_IMPLS = [i for i in IMPLS if i != UNFUSED]
+SLOW = ("dropless ragged_dot", "capacity", "dense")  # seconds a step at 4096 tokens: only up to --slow-max-tokens
 GOAL = 1.2  # the issue's goal: step(E=64) / step(E=8) of the default path
 RTOL = 1e-4
 jax.config.update("jax_platforms", "cpu")
@@ -147,13 +149,18 @@ def check_agree(e: int, outs: dict) -> None:
             raise SystemExit(f"E={e}: {n} differs from {names[0]} by {err:.2e} (relative) > {RTOL:g}")
 
 
+def impls_at(args, tokens: int) -> list[str]:
+    """The paths timed at this token count: `SLOW` ones only up to --slow-max-tokens."""
+    return [i for i in args.impls if i not in SLOW or tokens <= args.slow_max_tokens]
+
+
 def run(args, seq: int) -> tuple[list[dict], dict, dict]:
     """One row group: every (E, impl) at `args.batch` x `seq` tokens."""
     tokens = args.batch * seq
     steps, rows, routing = {}, [], {}
     for e in args.experts:
         outs = {}
-        for impl in args.impls:
+        for impl in impls_at(args, tokens):
             step, params, x, compile_s, peak = build(args, seq, e, impl)
             outs[impl] = jax.block_until_ready(step(params, x))  # also the warm-up call
             steps[(e, impl)] = (step, params, x)
@@ -237,7 +244,7 @@ def group_lines(args, seq: int, rows: list[dict], routing: dict, probe: dict) ->
                           for e, (w, c) in probe.items())
     out += (f"  - XLA's batched matmul alone, one forward einsum [E, {tokens * args.k}/E, {args.hidden}] × "
             f"[E, {args.hidden}, {args.width}] (the same FLOPs at every E): {probe_txt}\n")
-    for impl in (i for i in IMPLS if i in args.impls and (i.startswith("dropless") or i == FLOOR)):
+    for impl in (i for i in IMPLS if i in impls_at(args, tokens)):
         if e0 == e1:
             break
         r = {x["e"]: x for x in rows if x["impl"] == impl}
@@ -246,6 +253,9 @@ def group_lines(args, seq: int, rows: list[dict], routing: dict, probe: dict) ->
                   + f", CPU time {r[e1]['ratio_cpu']:.2f}× (paired)")
         if impl == FLOOR:
             out += f"  - step(E={e1}) / step(E={e0}) of the `{FLOOR}` (the bound for any dispatch): {ratios}\n"
+            continue
+        if not impl.startswith("dropless") or impl == "dropless ragged_dot":  # no CPU path: for comparison
+            out += f"  - step(E={e1}) / step(E={e0}) of `{impl}`: {ratios}\n"
             continue
         met = [k for k, v in stats.items() if v <= GOAL]
         verdict = "met" if len(met) == 3 else f"borderline: met by the {' and '.join(met)} only" if met else "missed"
@@ -279,13 +289,14 @@ def header(args, groups: list[str], load: tuple[float, float], wall_s: float) ->
             f"estimate (`compiled.memory_analysis()`: temp + argument + output bytes), not a measured RSS. The "
             f"dropless paths agree (relative {RTOL:g}) before timing. `dropless bucketed` runs the experts' "
             f"SwiGLU fused on one bucket layout (`gmm.expert_swiglu`); `{UNFUSED}` is the same dispatch with "
-            f"three `grouped_matmul` calls, each building its own layout. Left out by default to keep the run short "
-            f"(`--impls` adds them): `dropless ragged_dot` (XLA's dense CPU fallback) and `dense` grow with E by "
-            f"construction (~9× at E=64, 1024 tokens), `capacity` is flat in E but its one-hot dispatch grows "
-            f"with tokens² (~8 s a step at 4096 tokens). Run `python -m experiments.bench.moe "
+            f"three `grouped_matmul` calls, each building its own layout (only with `--impls`). Timed only up to "
+            f"{args.slow_max_tokens} tokens, to keep the run short: `dropless ragged_dot` (XLA's dense CPU "
+            f"fallback) and `dense` grow with E by construction, `capacity` is flat in E but its one-hot dispatch "
+            f"grows with tokens² (~8 s a step at 4096 tokens). Run `python -m experiments.bench.moe "
             f"--experts {','.join(map(str, args.experts))} --batch {args.batch} "
             f"--seq {','.join(map(str, args.seq))} --hidden {args.hidden} --width {args.width} --k {args.k} "
-            f"--repeats {args.repeats} --impls '{','.join(args.impls)}'` ({wall_s:.0f} s wall).\n\n"
+            f"--repeats {args.repeats} --impls '{','.join(args.impls)}' --slow-max-tokens {args.slow_max_tokens}` "
+            f"({wall_s:.0f} s wall).\n\n"
             f"- shapes: hidden {args.hidden}, top-k {args.k}, expert width {args.width}, capacity factor "
             f"{args.capacity_factor:g}; routing: the initialised router on N(0, 1) inputs (roughly balanced, no "
             f"trained skew)\n"
@@ -309,7 +320,9 @@ def main() -> None:
     p.add_argument("--width", type=int, default=256, help="expert intermediate size")
     p.add_argument("--k", type=int, default=4, help="experts per token")
     p.add_argument("--capacity-factor", type=float, default=1.25)
-    p.add_argument("--repeats", type=int, default=11)
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--slow-max-tokens", type=int, default=1024,
+                   help=f"largest token count (batch x seq) at which {', '.join(SLOW)} are timed")
     p.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
     args = p.parse_args()
     if unknown := set(args.impls) - set(IMPLS):
