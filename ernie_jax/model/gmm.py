@@ -18,14 +18,17 @@ Implementations, chosen by `ErnieConfig.moe_gmm_impl`:
   layout per pass for gate, up, the activation and the down projection instead of one per matmul.
 - `pallas`: the Pallas kernel of `pallas_kernels.gmm` (its own issue).
 `auto` picks `ragged_dot` on TPU and `bucketed` elsewhere. CPU (docs/benchmarks.md, MoE scaling, median / min /
-paired, 2 cores at load ~1): from 8 to 64 experts at equal active parameters the MoE block's step time with
-the fused `expert_swiglu` grows 1.08 / 1.17 / 1.09x at 8192 tokens (the no-dispatch floor 1.04 / 1.10 / 1.04x),
-1.15 / 1.14 / 1.18x at 4096 tokens (floor 1.09 / 1.01 / 1.04x), `tiled` 1.6x; other runs (load ~1-3.5) gave
-medians of 1.10-1.24x at 4096 and 8192 tokens. At 1024 tokens (64 rows per expert at E=64) even the floor grows 2.3x:
-XLA:CPU runs the batched expert matmul [64, 64, 256] x [64, 256, 256] on one core, 3.2x slower than the same
-FLOPs as [8, 512, 256] x [8, 256, 256] on two (`bucketed` 1.49x there). The fused step's median was 3-9% below
-the three-call one's (E=64: 410 vs 449 ms at 4096 tokens, 895 vs 983 ms at 8192, load ~3.5), though XLA's
-buffer estimate is larger (E=64, 4096 tokens: 456 vs 328 MiB).
+paired, 2 cores at load ~1.6): from 8 to 64 experts at equal active parameters the MoE block's training step
+(gradients of the weights and of the input) grows 1.28 / 1.26 / 1.28x at 8192 tokens (the no-dispatch floor
+1.10 / 1.09 / 1.13x) and 1.21 / 1.20 / 1.20x at 4096 tokens (floor 1.08 / 1.09 / 1.11x), `tiled` 1.6x, CPU
+`ragged_dot` 9x; the gap to the floor is mostly the overflow tiles (at 4096 tokens and E = 64, 48 tiles of
+32 rows: 9% of the rows, ~20% of the experts' step: small single-core batched matmuls, their weight gathers
+and dw scatter-adds). Without the input gradient (XLA then drops the dx matmuls) the medians were 1.08-1.22x
+at 8192 tokens (five runs) and 1.11-1.21x at 4096 (six runs; a seventh 1.38x). At 1024 tokens (64 rows per expert at E = 64) even the floor
+grows 1.8-2.3x: XLA:CPU runs the batched matmul [64, 64, 256] x [64, 256, 256] on one core, 2.7-3.2x slower
+than the same FLOPs as [8, 512, 256] x [8, 256, 256] on two. The fused step's median was 3-9% below the
+three-call one's (E=64: 410 vs 449 ms at 4096 tokens, 895 vs 983 ms at 8192, load ~3.5, without the input
+gradient), though XLA's buffer estimate is larger (E=64, 4096 tokens: 456 vs 328 MiB).
 GPU: on an H200 (jax 0.11.2, bf16, 21B-A3B up-proj: M 24576, K 2560, N 1536, 64 groups, max / mean group
 1.4 and 2.5) the previous bucket-only layout of `bucketed` took 0.95 / 1.5 ms forward and 2.4 / 3.7 ms
 forward+backward, `tiled` 1.9 and 12.5 ms, `ragged_dot` 16.5 and 106 ms (not re-measured with the overflow

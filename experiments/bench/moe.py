@@ -4,7 +4,9 @@
                                     [--width 256] [--k 4] [--repeats 15] [--impls ...] [--slow-max-tokens 1024]
 
 One step is the jitted `jax.value_and_grad` of `mean(y**2)` w.r.t. the `nnx.Param`s of one
-`ernie_jax.model.moe.MoEBlock` (router + routed SwiGLU experts, no shared expert), y the block's output.
+`ernie_jax.model.moe.MoEBlock` (router + routed SwiGLU experts, no shared expert) and its input x, y the block's
+output: a layer's backward in a training step, which also hands dx to the layers below (the experts' dx
+matmuls are E-sensitive too; without dx, XLA drops them and the ratios below come out ~0.05-0.1 lower).
 Top-k, the expert width and the hidden size stay fixed, so every E has the same active parameters and FLOPs
 per token; only the number of experts (total parameters) grows. Each `--seq` value is its own group of rows
 (batch x seq tokens), timed on its own. Dispatch paths: dropless with the `bucketed` grouped matmul (the CPU
@@ -130,7 +132,7 @@ def build(args, seq: int, e: int, impl: str):
     t0 = time.perf_counter()
     with unittest.mock.patch.object(moe_module, "expert_swiglu", functools.partial(expert_swiglu, fused=False)) \
             if impl == UNFUSED else contextlib.nullcontext():  # traced inside lower()
-        step = jax.jit(jax.value_and_grad(loss, has_aux=True)).lower(params, x).compile()
+        step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)).lower(params, x).compile()
     compile_s = time.perf_counter() - t0
     mem = step.memory_analysis()
     peak = mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
@@ -270,8 +272,9 @@ def group_lines(args, seq: int, rows: list[dict], routing: dict, probe: dict) ->
 def header(args, groups: list[str], load: tuple[float, float], wall_s: float) -> str:
     e0 = min(args.experts)
     return (f"Step time (forward + backward: jitted `jax.value_and_grad` of `mean(y**2)` w.r.t. the block's "
-            f"`nnx.Param`s) of one `MoEBlock` (router + routed SwiGLU experts, no shared expert) as the number "
-            f"of experts E grows at fixed top-k and expert width, i.e. the same active parameters per token. "
+            f"`nnx.Param`s and its input x, as a layer's backward in training) of one `MoEBlock` (router + routed "
+            f"SwiGLU experts, no shared expert) as the number of experts E grows at fixed top-k and expert width, "
+            f"i.e. the same active parameters per token. "
             f"The issue's goal: step(E=64) / step(E=8) ≤ {GOAL} for the default (dropless) path. "
             f"Each token count is a separate group of rows, timed on its own: median (and min) of {args.repeats} "
             f"steps, every (E, impl) of the group taking turns in a random order, each timed "
