@@ -24,9 +24,10 @@ paired, 2 cores at load ~1.6): from 8 to 64 experts at equal active parameters t
 `ragged_dot` 9x; the gap to the floor is mostly the overflow tiles (at 4096 tokens and E = 64, 48 tiles of
 32 rows: 9% of the rows, ~20% of the experts' step: small single-core batched matmuls, their weight gathers
 and dw scatter-adds). Without the input gradient (XLA then drops the dx matmuls) the medians were 1.08-1.22x
-at 8192 tokens (five runs) and 1.11-1.21x at 4096 (six runs; a seventh 1.38x). At 1024 tokens (64 rows per expert at E = 64) even the floor
-grows 1.8-2.3x: XLA:CPU runs the batched matmul [64, 64, 256] x [64, 256, 256] on one core, 2.7-3.2x slower
-than the same FLOPs as [8, 512, 256] x [8, 256, 256] on two. The fused step's median was 3-9% below the
+at 8192 tokens (five runs) and 1.11-1.21x at 4096 (six runs; a seventh 1.38x). At 1024 tokens (64 rows per
+expert at E = 64) even the floor grows 1.8-2.3x: XLA:CPU runs the batched matmul [64, 64, 256] x
+[64, 256, 256] on one core, 2.7-3.2x slower than the same FLOPs as [8, 512, 256] x [8, 256, 256] on two. The
+fused step's median was 3-9% below the
 three-call one's (E=64: 410 vs 449 ms at 4096 tokens, 895 vs 983 ms at 8192, load ~3.5, without the input
 gradient), though XLA's buffer estimate is larger (E=64, 4096 tokens: 456 vs 328 MiB).
 GPU: on an H200 (jax 0.11.2, bf16, 21B-A3B up-proj: M 24576, K 2560, N 1536, 64 groups, max / mean group
