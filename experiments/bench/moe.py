@@ -5,25 +5,24 @@
 
 One step is the jitted `jax.value_and_grad` of `mean(y**2)` w.r.t. the `nnx.Param`s of one
 `ernie_jax.model.moe.MoEBlock` (router + routed SwiGLU experts, no shared expert) and its input x, y the block's
-output: a layer's backward in a training step, which also hands dx to the layers below (the experts' dx
-matmuls are E-sensitive too; without dx, XLA drops them and the ratios below come out ~0.05-0.1 lower).
-Top-k, the expert width and the hidden size stay fixed, so every E has the same active parameters and FLOPs
-per token; only the number of experts (total parameters) grows. Each `--seq` value is its own group of rows
-(batch x seq tokens), timed on its own. Dispatch paths: dropless with the `bucketed` grouped matmul (the CPU
-default; the experts' SwiGLU fused on one layout, `gmm.expert_swiglu`) and with `tiled`, the no-dispatch
-floor (`floor_output`: equal loads by construction, no sort or gathers, the bound for any dispatch), and, in
-the row groups of at most `--slow-max-tokens` tokens only (`SLOW`), dropless with `jax.lax.ragged_dot` (a dense
-fallback on CPU) and the dense "every expert on every token" einsum, whose cost grows with E by construction,
-and GShard capacity dispatch, whose one-hot dispatch grows with tokens^2 (~8 s a step at 4096 tokens). With
-`--impls`, also `dropless bucketed 3-call` (bucketed unfused: three `grouped_matmul` calls, each building its
-own layout). For each E all paths see the same weights and
-inputs; the dropless paths (and `dense` where run) must agree before anything is timed. Besides wall time,
-the CPU time of the process over each step (user + kernel; the kernel part is mostly page faults on buffers
-XLA maps afresh each step). Each token count also times XLA's batched matmul alone (`matmul_probe`), the
-floor's per-expert matmul at equal FLOPs, wall and CPU time: with few rows per expert it runs slower and on
-fewer cores at E = 64, which no dispatch can avoid. Peak memory is XLA's buffer estimate from the compiled
-executable's `memory_analysis()` (temp + argument + output bytes), not a measured RSS. The Markdown table is printed and
-written as the `## MoE scaling` section of `--out`; other sections are kept.
+output: a layer's backward in a training step, which also hands dx to the layers below (the experts' dx matmuls are
+E-sensitive too; without dx, XLA drops them and the ratios below come out ~0.05-0.1 lower). Top-k, the expert width
+and the hidden size stay fixed, so every E has the same active parameters and FLOPs per token; only the number of
+experts (total parameters) grows. Each `--seq` value is its own group of rows (batch x seq tokens), timed on its
+own. Dispatch paths: dropless with the `bucketed` grouped matmul (the CPU default; the experts' SwiGLU fused on one
+layout, `gmm.expert_swiglu`) and with `tiled`, the no-dispatch floor (`floor_output`: equal loads by construction,
+no sort or gathers, the bound for any dispatch), and, in the row groups of at most `--slow-max-tokens` tokens only
+(`SLOW`), dropless with `jax.lax.ragged_dot` (a dense fallback on CPU) and the dense "every expert on every token"
+einsum, whose cost grows with E by construction, and GShard capacity dispatch, whose one-hot dispatch grows with
+tokens^2 (~8 s a step at 4096 tokens). With `--impls`, also `dropless bucketed 3-call` (bucketed unfused: three
+`grouped_matmul` calls, each building its own layout). For each E all paths see the same weights and inputs; the
+dropless paths (and `dense` where run) must agree before anything is timed. Besides wall time, the CPU time of the
+process over each step (user + kernel; the kernel part is mostly page faults on buffers XLA maps afresh each step).
+Each token count also times XLA's batched matmul alone (`matmul_probe`), the floor's per-expert matmul at equal
+FLOPs, wall and CPU time: with few rows per expert it runs slower and on fewer cores at E = 64, which no dispatch
+can avoid. Peak memory is XLA's buffer estimate from the compiled executable's `memory_analysis()` (temp + argument
++ output bytes), not a measured RSS. The Markdown table is printed and written as the `## MoE scaling` section of
+`--out`; other sections are kept.
 """
 
 from __future__ import annotations
