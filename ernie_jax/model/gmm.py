@@ -19,17 +19,16 @@ Implementations, chosen by `ErnieConfig.moe_gmm_impl`:
 - `pallas`: the Pallas kernel of `pallas_kernels.gmm` (its own issue).
 `auto` picks `ragged_dot` on TPU and `bucketed` elsewhere. CPU (docs/benchmarks.md, MoE scaling, median / min /
 paired, 2 cores at load ~1.6): from 8 to 64 experts at equal active parameters the MoE block's training step
-(gradients of the weights and of the input) grows 1.28 / 1.26 / 1.28x at 8192 tokens (the no-dispatch floor
-1.10 / 1.09 / 1.13x) and 1.21 / 1.20 / 1.20x at 4096 tokens (floor 1.08 / 1.09 / 1.11x), `tiled` 1.6x, CPU
-`ragged_dot` 9x; the gap to the floor is mostly the overflow tiles (at 4096 tokens and E = 64, 48 tiles of
-32 rows: 9% of the rows, ~20% of the experts' step: small single-core batched matmuls, their weight gathers
-and dw scatter-adds). Without the input gradient (XLA then drops the dx matmuls) the medians were 1.08-1.22x
-at 8192 tokens (five runs) and 1.11-1.21x at 4096 (six runs; a seventh 1.38x). At 1024 tokens (64 rows per
-expert at E = 64) even the floor grows 1.8-2.3x: XLA:CPU runs the batched matmul [64, 64, 256] x
-[64, 256, 256] on one core, 2.7-3.2x slower than the same FLOPs as [8, 512, 256] x [8, 256, 256] on two. The
-fused step's median was 3-9% below the
-three-call one's (E=64: 410 vs 449 ms at 4096 tokens, 895 vs 983 ms at 8192, load ~3.5, without the input
-gradient), though XLA's buffer estimate is larger (E=64, 4096 tokens: 456 vs 328 MiB).
+(gradients of the weights and of the input) grows 1.28 / 1.26 / 1.28x at 8192 tokens (the no-dispatch floor 1.10 /
+1.09 / 1.13x) and 1.21 / 1.20 / 1.20x at 4096 tokens (floor 1.08 / 1.09 / 1.11x), `tiled` 1.6x, CPU `ragged_dot`
+9x; the gap to the floor is mostly the overflow tiles (at 4096 tokens and E = 64, 48 tiles of 32 rows: 9% of the
+rows, ~20% of the experts' step: small single-core batched matmuls, their weight gathers and dw scatter-adds).
+Without the input gradient (XLA then drops the dx matmuls) the medians were 1.08-1.22x at 8192 tokens (five runs)
+and 1.11-1.21x at 4096 (six runs; a seventh 1.38x). At 1024 tokens (64 rows per expert at E = 64) even the floor
+grows 1.8-2.3x: XLA:CPU runs the batched matmul [64, 64, 256] x [64, 256, 256] on one core, 2.7-3.2x slower than
+the same FLOPs as [8, 512, 256] x [8, 256, 256] on two. The fused step's median was 3-9% below the three-call one's
+(E=64: 410 vs 449 ms at 4096 tokens, 895 vs 983 ms at 8192, load ~3.5, without the input gradient), though XLA's
+buffer estimate is larger (E=64, 4096 tokens: 456 vs 328 MiB).
 GPU: on an H200 (jax 0.11.2, bf16, 21B-A3B up-proj: M 24576, K 2560, N 1536, 64 groups, max / mean group
 1.4 and 2.5) the previous bucket-only layout of `bucketed` took 0.95 / 1.5 ms forward and 2.4 / 3.7 ms
 forward+backward, `tiled` 1.9 and 12.5 ms, `ragged_dot` 16.5 and 106 ms (not re-measured with the overflow
@@ -207,10 +206,10 @@ def _gather(a: jax.Array, src: jax.Array, valid: jax.Array) -> jax.Array:
     return jnp.where(valid[:, None], a[src], 0)
 
 
-def _bmm(spec: str, xb: jax.Array, xo: jax.Array | None, w: jax.Array, wt: jax.Array | None):
-    """The same einsum on the buckets (weights w [G, ...]) and the tiles (wt, gathered per tile)."""
+def _bmm(spec: str, xb: jax.Array, xo: jax.Array | None, w: jax.Array, tile_group: jax.Array):
+    """The same einsum on the buckets (weights w [G, ...]) and the tiles (w[tile_group], gathered per tile)."""
     mm = functools.partial(jnp.einsum, spec, preferred_element_type=jnp.float32)
-    return mm(xb, w), None if xo is None else mm(xo, wt)
+    return mm(xb, w), None if xo is None else mm(xo, w[tile_group])
 
 
 def _dw(lay: _Layout, xb, xo, db, do) -> jax.Array:
@@ -223,13 +222,13 @@ def _dw(lay: _Layout, xb, xo, db, do) -> jax.Array:
 
 def _bucket_fwd(c: int, n: int, t: int, lhs: jax.Array, rhs: jax.Array, sizes: jax.Array) -> jax.Array:
     lay = _bucket_maps(sizes, lhs.shape[0], c, n, t)
-    return lay.back(*_bmm("GCK,GKN->GCN", *lay.to(lhs), rhs, rhs[lay.tile_group] if n else None)).astype(lhs.dtype)
+    return lay.back(*_bmm("GCK,GKN->GCN", *lay.to(lhs), rhs, lay.tile_group)).astype(lhs.dtype)
 
 
 def _bucket_bwd(c: int, n: int, t: int, lhs: jax.Array, rhs: jax.Array, sizes: jax.Array, dy: jax.Array):
     lay = _bucket_maps(sizes, lhs.shape[0], c, n, t)
     (xb, xo), (db, do) = lay.to(lhs), lay.to(dy)  # zero on padding rows: they add nothing to dw
-    dx = lay.back(*_bmm("GCN,GKN->GCK", db, do, rhs, rhs[lay.tile_group] if n else None))
+    dx = lay.back(*_bmm("GCN,GKN->GCK", db, do, rhs, lay.tile_group))
     return dx.astype(lhs.dtype), _dw(lay, xb, xo, db, do).astype(rhs.dtype)
 
 
@@ -338,10 +337,10 @@ def _swiglu_bucket_fwd(c: int, n: int, t: int, act, res: bool, x, wg, wu, wo, si
     lay = _bucket_maps(sizes, x.shape[0], c, n, t)
     tg, dt = lay.tile_group, x.dtype
     xl = lay.to(x)
-    gate = _pairs(lambda a: a.astype(dt), _bmm("GCK,GKN->GCN", *xl, wg, wg[tg] if n else None))
-    up = _pairs(lambda a: a.astype(dt), _bmm("GCK,GKN->GCN", *xl, wu, wu[tg] if n else None))
+    gate = _pairs(lambda a: a.astype(dt), _bmm("GCK,GKN->GCN", *xl, wg, tg))
+    up = _pairs(lambda a: a.astype(dt), _bmm("GCK,GKN->GCN", *xl, wu, tg))
     h = _pairs(lambda a, b: act(a) * b, gate, up)
-    y = lay.back(*_bmm("GCI,GIH->GCH", *h, wo, wo[tg] if n else None)).astype(dt)
+    y = lay.back(*_bmm("GCI,GIH->GCH", *h, wo, tg)).astype(dt)
     return (y, lay.back(*gate), lay.back(*up)) if res else y
 
 
@@ -351,14 +350,14 @@ def _swiglu_bucket_bwd(c: int, n: int, t: int, act, x, wg, wu, wo, sizes, gate, 
     xl, dyl, up = lay.to(x), lay.to(dy), lay.to(up)  # zero on padding rows
     a, act_vjp = zip(*(jax.vjp(act, g) if g is not None else (None, None) for g in lay.to(gate)))
     h = _pairs(lambda a, b: a * b, a, up)
-    dh = _pairs(lambda a: a.astype(dt), _bmm("GCH,GIH->GCI", *dyl, wo, wo[tg] if n else None))
+    dh = _pairs(lambda a: a.astype(dt), _bmm("GCH,GIH->GCI", *dyl, wo, tg))
     dwo = _dw(lay, *h, *dyl)
     dgate = _pairs(lambda f, d, u: f(d * u)[0], act_vjp, dh, up)
     dup = _pairs(lambda d, a: d * a, dh, a)
     dwg = _dw(lay, *xl, *dgate)
-    dx = _bmm("GCN,GKN->GCK", *dgate, wg, wg[tg] if n else None)
+    dx = _bmm("GCN,GKN->GCK", *dgate, wg, tg)
     dwu = _dw(lay, *xl, *dup)
-    dx = _pairs(lambda a, b: a + b, dx, _bmm("GCN,GKN->GCK", *dup, wu, wu[tg] if n else None))
+    dx = _pairs(lambda a, b: a + b, dx, _bmm("GCN,GKN->GCK", *dup, wu, tg))
     return lay.back(*dx).astype(dt), dwg.astype(wg.dtype), dwu.astype(wu.dtype), dwo.astype(wo.dtype)
 
 
@@ -382,19 +381,22 @@ def _swiglu_fallback_bwd(tile: int, act, x, wg, wu, wo, sizes, gate, up, dy):
     return vjp(dy)
 
 
+def _swiglu_forward(res: bool, x, wg, wu, wo, sizes, act, branches, tile):
+    """The forward switch: y, or (y, gate, up) when res (the residuals for the backward)."""
+    fns = ([functools.partial(_swiglu_bucket_fwd, *b, act, res) for b in branches]
+           + [functools.partial(_swiglu_fallback_fwd, tile, act, res)])
+    return jax.lax.switch(bucket_branch(sizes, branches), fns, *_all_varying(x, wg, wu, wo, sizes))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
 def _swiglu_bucketed(x, wg, wu, wo, sizes, act, branches, tile):
     """The fused `bucketed` expert SwiGLU; sizes int32. Forward: one switch returning y; backward: a second
     switch on the same index (as in `_bucketed`), each branch regathering x, dy and (gate | up)."""
-    fns = ([functools.partial(_swiglu_bucket_fwd, *b, act, False) for b in branches]
-           + [functools.partial(_swiglu_fallback_fwd, tile, act, False)])
-    return jax.lax.switch(bucket_branch(sizes, branches), fns, *_all_varying(x, wg, wu, wo, sizes))
+    return _swiglu_forward(False, x, wg, wu, wo, sizes, act, branches, tile)
 
 
 def _swiglu_bucketed_fwd(x, wg, wu, wo, sizes, act, branches, tile):
-    fns = ([functools.partial(_swiglu_bucket_fwd, *b, act, True) for b in branches]
-           + [functools.partial(_swiglu_fallback_fwd, tile, act, True)])
-    y, gate, up = jax.lax.switch(bucket_branch(sizes, branches), fns, *_all_varying(x, wg, wu, wo, sizes))
+    y, gate, up = _swiglu_forward(True, x, wg, wu, wo, sizes, act, branches, tile)
     return y, (x, wg, wu, wo, sizes, gate, up)
 
 

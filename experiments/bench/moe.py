@@ -89,6 +89,17 @@ def floor_output(block: MoEBlock, x: jax.Array):
     return jnp.einsum("TKH,TK->TH", ys, r.weights.astype(ys.dtype)).reshape(b, s, h), router_stats(r, None)
 
 
+def timed_call(f, *a) -> tuple[float, float, float]:
+    """(wall s, CPU s of this process: user + kernel, all threads, and its kernel part) of one call of f, right
+    after an untimed one of the same executable."""
+    jax.block_until_ready(f(*a))
+    r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    jax.block_until_ready(f(*a))
+    wall = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    return wall, r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime, r1.ru_stime - r0.ru_stime
+
+
 def matmul_probe(args, seq: int) -> dict[int, tuple[float, float]]:
     """E -> (median wall ms, median CPU ms) of one bare forward einsum [E, T*k/E, H] x [E, H, I] (fp32, the
     floor's per-expert matmul shape): how XLA's batched matmul alone scales with E at these FLOPs. Timed in
@@ -103,14 +114,10 @@ def matmul_probe(args, seq: int) -> dict[int, tuple[float, float]]:
     cpu: dict[int, list[float]] = {e: [] for e in fns}
     rng = np.random.default_rng(1)
     for _ in range(args.repeats):
-        for e in rng.permutation(list(fns)):
-            f, x, w = fns[int(e)]
-            jax.block_until_ready(f(x, w))
-            r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-            jax.block_until_ready(f(x, w))
-            wall[int(e)].append(time.perf_counter() - t0)
-            r1 = resource.getrusage(resource.RUSAGE_SELF)
-            cpu[int(e)].append(r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime)
+        for e in map(int, rng.permutation(list(fns))):
+            w_s, c_s, _ = timed_call(*fns[e])
+            wall[e].append(w_s)
+            cpu[e].append(c_s)
     return {e: (1e3 * statistics.median(wall[e]), 1e3 * statistics.median(cpu[e])) for e in fns}
 
 
@@ -190,13 +197,9 @@ def run(args, seq: int) -> tuple[list[dict], dict, dict]:
     keys, rng = list(steps), np.random.default_rng(0)
     for _ in range(args.repeats):
         for i in rng.permutation(len(keys)):
-            step, params, x = steps[keys[i]]
-            jax.block_until_ready(step(params, x))
-            r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-            jax.block_until_ready(step(params, x))
-            times[keys[i]].append(time.perf_counter() - t0)
-            r1 = resource.getrusage(resource.RUSAGE_SELF)
-            cpu[keys[i]].append((r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime, r1.ru_stime - r0.ru_stime))
+            wall, used, kernel = timed_call(*steps[keys[i]])
+            times[keys[i]].append(wall)
+            cpu[keys[i]].append((used, kernel))
     for r in rows:
         t, c = times[(r["e"], r["impl"])], cpu[(r["e"], r["impl"])]
         r.update(ms=1e3 * statistics.median(t), best_ms=1e3 * min(t))
