@@ -7,6 +7,11 @@ PY := $(VENV)/bin/python
 # The quickstart runs on the CPU; libtpu (installed for the TPU compile tests) would otherwise probe for a
 # TPU at start-up. Run with JAX_PLATFORMS= (empty) to let jax pick an accelerator.
 export JAX_PLATFORMS ?= cpu
+# tcmalloc where the system has it (Debian / Ubuntu: apt install libtcmalloc-minimal4): with glibc's malloc XLA:CPU's
+# large per-step buffers are fresh mmap pages, page-faulted every step. On the 2-core dev host `make run` took 106 s
+# instead of 136 s (kernel time 2 s instead of 51 s), every logged metric equal. `make run TCMALLOC=` turns it off.
+LIBDIRS := /usr/lib/x86_64-linux-gnu /usr/lib/aarch64-linux-gnu /usr/lib64 /usr/lib
+TCMALLOC ?= $(firstword $(wildcard $(foreach d,$(LIBDIRS),$(d)/libtcmalloc_minimal.so.4 $(d)/libtcmalloc.so.4)))
 
 .PHONY: run test setup setup-dev
 
@@ -25,7 +30,8 @@ setup-dev: $(VENV)/.dev
 # Trains the tiny default on the embedded synthetic data (generated on first use); resumes from
 # runs/tiny when it exists (rm -rf runs/tiny to start over).
 run: $(VENV)/.runtime
-	$(PY) -m experiments.train --config=experiments/configs/tiny.py --workdir=runs/tiny
+	$(if $(TCMALLOC),LD_PRELOAD=$(TCMALLOC) )$(PY) -m experiments.train --config=experiments/configs/tiny.py \
+		--workdir=runs/tiny
 
 test: $(VENV)/.dev
 	$(PY) -m pytest -n 2 --durations=15

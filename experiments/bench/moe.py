@@ -308,7 +308,9 @@ def header(args, groups: list[str], load: tuple[float, float], wall_s: float) ->
             + "".join(groups) +
             f"- measured: {utc_now()}, commit `{git_rev()}` + working tree\n"
             f"- machine: `{platform.platform()}`, {platform.processor() or platform.machine()}, "
-            f"{os.cpu_count()} CPUs, JAX backend `{jax.default_backend()}`; 1-min load average {load[0]:.2f} "
+            f"{os.cpu_count()} CPUs, JAX backend `{jax.default_backend()}`, allocator "
+            f"{f'`LD_PRELOAD={preload}`' if (preload := os.environ.get('LD_PRELOAD')) else 'glibc malloc'}; "
+            f"1-min load average {load[0]:.2f} "
             f"before / {load[1]:.2f} after (this run adds ~2; other processes skew the numbers)\n"
             f"- versions: jax {jax.__version__}, flax {flax.__version__}\n")
 
