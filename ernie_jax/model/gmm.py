@@ -23,6 +23,10 @@ paired, 2 cores at load ~1.6): from 8 to 64 experts at equal active parameters t
 1.09 / 1.13x) and 1.21 / 1.20 / 1.20x at 4096 tokens (floor 1.08 / 1.09 / 1.11x), `tiled` 1.6x, CPU `ragged_dot`
 9x; the gap to the floor is mostly the overflow tiles (at 4096 tokens and E = 64, 48 tiles of 32 rows: 9% of the
 rows, ~20% of the experts' step: small single-core batched matmuls, their weight gathers and dw scatter-adds).
+With tcmalloc preloaded (no page faults, steps ~25% faster at every E) one run gave 1.26x at 8192 tokens and
+1.44x at 4096 (floor 1.12 / 1.20x): glibc's page faults were a cost flat in E that hid part of the growth. The
+branch switch itself costs the experts' step 3% at E = 8 and 7% at E = 64 (vs the picked branch called without it,
+4096 tokens; likely because XLA can then share the forward's layout and tile-weight gathers with the backward's).
 Without the input gradient (XLA then drops the dx matmuls) the medians were 1.08-1.22x at 8192 tokens (five runs)
 and 1.11-1.21x at 4096 (six runs; a seventh 1.38x). At 1024 tokens (64 rows per expert at E = 64) even the floor
 grows 1.8-2.3x: XLA:CPU runs the batched matmul [64, 64, 256] x [64, 256, 256] on one core, 2.7-3.2x slower than
