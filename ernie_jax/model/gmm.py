@@ -22,7 +22,9 @@ paired, 2 cores): from 8 to 64 experts at equal active parameters the MoE block'
 weights and of the input) grows 1.26 / 1.28 / 1.28x at 8192 tokens (the no-dispatch floor 1.12 / 1.09 / 1.11x) and
 1.24 / 1.27 / 1.23x at 4096 tokens (floor 1.11 / 1.10 / 1.12x); the run before gave 1.28 / 1.26 / 1.28x and
 1.21 / 1.20 / 1.20x. `tiled` 1.6x, CPU `ragged_dot` 9x. The issue's goal (<= 1.2) is missed: XLA:CPU's batched
-matmul alone is 1.15x slower at E = 64's per-expert shapes than at E = 8's for the same FLOPs, and the gap to the
+matmul alone is 1.15x slower at E = 64's per-expert shapes than at E = 8's for the same FLOPs (its dw matmuls,
+contracting over rows, are not lowered to YNNPACK as the others are and alone take 1.5x longer at E = 64: 20.8 vs
+13.6 ms for 16384 rows; a transposed operand that makes them YNNPACK's cost more than it saved), and the gap to the
 floor is mostly the overflow tiles (at 4096 tokens and E = 64, 48 tiles of 32 rows: 9% of the rows, ~20% of the
 experts' step: small single-core batched matmuls, their weight gathers and dw scatter-adds); per-expert dots of the
 exact group sizes (no padding, no tiles, no gathers) made the experts' step 2.5x slower at E = 64 than at E = 8.
