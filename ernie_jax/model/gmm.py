@@ -17,27 +17,21 @@ Implementations, chosen by `ErnieConfig.moe_gmm_impl`:
   Its own `custom_vjp`, see `_bucketed`. The MoE experts' SwiGLU runs fused on it (`expert_swiglu`): one
   layout per pass for gate, up, the activation and the down projection instead of one per matmul.
 - `pallas`: the Pallas kernel of `pallas_kernels.gmm` (its own issue).
-`auto` picks `ragged_dot` on TPU and `bucketed` elsewhere. CPU (docs/benchmarks.md, MoE scaling, median / min /
-paired, 2 cores): from 8 to 64 experts at equal active parameters the MoE block's training step (gradients of the
-weights and of the input) grows 1.26 / 1.28 / 1.28x at 8192 tokens (the no-dispatch floor 1.12 / 1.09 / 1.11x) and
-1.24 / 1.27 / 1.23x at 4096 tokens (floor 1.11 / 1.10 / 1.12x); the run before gave 1.28 / 1.26 / 1.28x and
-1.21 / 1.20 / 1.20x. `tiled` 1.6x, CPU `ragged_dot` 9x. The issue's goal (<= 1.2) is missed: XLA:CPU's batched
-matmul alone is 1.15x slower at E = 64's per-expert shapes than at E = 8's for the same FLOPs (its dw matmuls,
-contracting over rows, are not lowered to YNNPACK as the others are and alone take 1.5x longer at E = 64: 20.8 vs
-13.6 ms for 16384 rows; a transposed operand that makes them YNNPACK's cost more than it saved), and the gap to the
-floor is mostly the overflow tiles (at 4096 tokens and E = 64, 48 tiles of 32 rows: 9% of the rows, ~20% of the
-experts' step: small single-core batched matmuls, their weight gathers and dw scatter-adds); per-expert dots of the
-exact group sizes (no padding, no tiles, no gathers) made the experts' step 2.5x slower at E = 64 than at E = 8.
-With tcmalloc preloaded (no page faults, steps ~25% faster at every E) one run gave 1.26x at 8192 tokens and
-1.44x at 4096 (floor 1.12 / 1.20x): glibc's page faults were a cost flat in E that hid part of the growth. The
-branch switch itself costs the experts' step 3% at E = 8 and 7% at E = 64 (vs the picked branch called without it,
-4096 tokens; likely because XLA can then share the forward's layout and tile-weight gathers with the backward's).
-Without the input gradient (XLA then drops the dx matmuls) the medians were 1.08-1.22x at 8192 tokens (five runs)
-and 1.11-1.21x at 4096 (six runs; a seventh 1.38x). At 1024 tokens (64 rows per expert at E = 64) even the floor
-grows 1.4-2.3x: XLA:CPU runs the batched matmul [64, 64, 256] x [64, 256, 256] on one core, 2.7-3.2x slower than
-the same FLOPs as [8, 512, 256] x [8, 256, 256] on two. The fused step's median was 3-9% below the three-call one's
-(E=64: 410 vs 449 ms at 4096 tokens, 895 vs 983 ms at 8192, load ~3.5, without the input gradient), though XLA's
-buffer estimate is larger (E=64, 4096 tokens: 456 vs 328 MiB).
+`auto` picks `ragged_dot` on TPU and `bucketed` elsewhere. CPU (docs/benchmarks.md, MoE scaling, 2 cores, median / min /
+paired): from 8 to 64 experts at equal active parameters the MoE block's training step (gradients of the weights and of
+the input) grows 1.26 / 1.28 / 1.28x at 8192 tokens (no-dispatch floor 1.12 / 1.09 / 1.11x) and 1.24 / 1.27 / 1.23x at
+4096 (floor 1.11 / 1.10 / 1.12x; the run before 1.21 / 1.20 / 1.20x), 1.29x at 1024 (floor 1.36-1.78x: XLA:CPU runs [64,
+64, 256] x [64, 256, 256] on one core); `tiled` 1.6x, CPU `ragged_dot` 9x. The issue's goal (<= 1.2) is missed on
+XLA:CPU's kernels: the bare batched matmul is 1.15x slower at E = 64's per-expert shapes for the same FLOPs; the dw
+matmuls (contracting over rows) are not lowered to YNNPACK as the others are and alone take 1.5x longer at E = 64 (20.8
+vs 13.6 ms, 16384 rows; transposing an operand so that YNNPACK takes them cost more than it saved); per-expert dots of
+the exact group sizes made the experts' step 2.5x slower at E = 64 than at E = 8. Past the floor the cost is mostly the
+overflow tiles (4096 tokens, E = 64: 48 tiles of 32 rows, 9% of the rows, ~20% of the experts' step: small single-core
+matmuls, weight gathers, dw scatter-adds) and the branch switch (3% of the experts' step at E = 8, 7% at E = 64, vs the
+picked branch called directly). With tcmalloc (no page faults, steps ~25% faster at every E) one run gave 1.26x / 1.44x
+at 8192 / 4096 tokens (floor 1.12 / 1.20x): glibc's page faults were a cost flat in E that hid part of the growth. The
+fused SwiGLU step's median was 3-9% below three `grouped_matmul` calls' (E=64: 410 vs 449 ms at 4096 tokens, 895 vs 983
+ms at 8192, without the input gradient), though XLA's buffer estimate is larger (456 vs 328 MiB at 4096 tokens).
 GPU: on an H200 (jax 0.11.2, bf16, 21B-A3B up-proj: M 24576, K 2560, N 1536, 64 groups, max / mean group
 1.4 and 2.5) the previous bucket-only layout of `bucketed` took 0.95 / 1.5 ms forward and 2.4 / 3.7 ms
 forward+backward, `tiled` 1.9 and 12.5 ms, `ragged_dot` 16.5 and 106 ms (not re-measured with the overflow

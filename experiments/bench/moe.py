@@ -273,6 +273,7 @@ def group_lines(args, seq: int, rows: list[dict], routing: dict, probe: dict) ->
 
 def header(args, groups: list[str], load: tuple[float, float], wall_s: float) -> str:
     e0 = min(args.experts)
+    preload = os.environ.get("LD_PRELOAD")
     return (f"Step time (forward + backward: jitted `jax.value_and_grad` of `mean(y**2)` w.r.t. the block's "
             f"`nnx.Param`s and its input x, as a layer's backward in training) of one `MoEBlock` (router + routed "
             f"SwiGLU experts, no shared expert) as the number of experts E grows at fixed top-k and expert width, "
@@ -309,7 +310,7 @@ def header(args, groups: list[str], load: tuple[float, float], wall_s: float) ->
             f"- measured: {utc_now()}, commit `{git_rev()}` + working tree\n"
             f"- machine: `{platform.platform()}`, {platform.processor() or platform.machine()}, "
             f"{os.cpu_count()} CPUs, JAX backend `{jax.default_backend()}`, allocator "
-            f"{f'`LD_PRELOAD={preload}`' if (preload := os.environ.get('LD_PRELOAD')) else 'glibc malloc'}; "
+            f"{f'`LD_PRELOAD={preload}`' if preload else 'glibc malloc'}; "
             f"1-min load average {load[0]:.2f} "
             f"before / {load[1]:.2f} after (this run adds ~2; other processes skew the numbers)\n"
             f"- versions: jax {jax.__version__}, flax {flax.__version__}\n")
