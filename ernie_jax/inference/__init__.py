@@ -1,5 +1,9 @@
-"""Inference. For now: greedy decoding by full recomputation (the KV cache arrives with its own issue)."""
+"""Inference: KV-cache prefill and decode for the dense, MoE and VL models, sampling, continuous batching
+(`Engine`) and MTP speculative decoding, behind `generate`."""
 
-from ernie_jax.inference.greedy import greedy_generate, greedy_generate_ragged
+from ernie_jax.inference.cache import KVCache, bytes_per_token, init_cache
+from ernie_jax.inference.engine import Engine
+from ernie_jax.inference.generate import generate
+from ernie_jax.inference.sampling import SamplingParams
 
-__all__ = ["greedy_generate", "greedy_generate_ragged"]
+__all__ = ["KVCache", "bytes_per_token", "init_cache", "Engine", "generate", "SamplingParams"]

@@ -207,6 +207,37 @@ def _flashmask_attention(q, k, v, mask: AttentionMask, scale: float) -> jax.Arra
     return fn(q, k, v, idx)
 
 
+@struct.dataclass
+class LayerCache:
+    """One attention layer's KV cache during inference.
+
+    k, v: [B, Hkv, T, D] in the compute dtype, heads before positions so that decoding reads them as the
+      batched matmul operands of `_grouped_attention` without a transpose; `None` at prefill (the layer then
+      attends over the fresh keys and hands them back for the caller to store).
+    index: [B] int32, the number of positions already in each row's cache: the S new tokens of row b are
+      written at index[b] .. index[b] + S - 1 and query i sees keys 0 .. index[b] + i. Rows move independently
+      (continuous batching, speculative rollback): entries past a row's index are stale and never seen.
+    """
+
+    k: jax.Array | None = None
+    v: jax.Array | None = None
+    index: jax.Array | None = None
+
+    def append(self, k: jax.Array, v: jax.Array) -> "LayerCache":
+        """Writes new keys / values k, v [B, S, Hkv, D] at each row's index (the index does not move)."""
+        put = jax.vmap(lambda c, n, i: jax.lax.dynamic_update_slice_in_dim(c, n, i, axis=1))
+        new_k = put(self.k, k.transpose(0, 2, 1, 3).astype(self.k.dtype), self.index)
+        new_v = put(self.v, v.transpose(0, 2, 1, 3).astype(self.v.dtype), self.index)
+        names = ("act_batch", "act_kv_heads", None, "act_head_dim")
+        return self.replace(k=shard(new_k, names), v=shard(new_v, names))
+
+    def attend(self, q: jax.Array, scale: float) -> jax.Array:
+        """q [B, S, Hq, D] (the tokens just appended) over the cache -> [B, S, Hq, D]."""
+        s, t = q.shape[1], self.k.shape[2]
+        allowed = jnp.arange(t)[None, None, None, :] <= (self.index[:, None] + jnp.arange(s)[None, :])[:, None, :, None]
+        return _grouped_attention(q, self.k, self.v, allowed, scale, never_empty=True)
+
+
 _IMPLS = {"xla": _xla_attention, "jax_nn": _jax_nn_attention, "flashmask": _flashmask_attention}
 
 
@@ -239,8 +270,13 @@ class Attention(nnx.Module):
             self.bv = const_param(0.0, (nkv, d), ("kv_heads", "head_dim"), dtype=pd)
             self.bo = const_param(0.0, (h,), ("embed",), dtype=pd)
 
-    def __call__(self, x: jax.Array, angles: jax.Array, mask: AttentionMask) -> jax.Array:
-        """x [B, S, H], angles [B, S, D/2] -> [B, S, H]."""
+    def __call__(self, x: jax.Array, angles: jax.Array, mask: AttentionMask,
+                 cache: LayerCache | None = None) -> jax.Array | tuple[jax.Array, LayerCache]:
+        """x [B, S, H], angles [B, S, D/2] -> [B, S, H].
+
+        With a `cache` (inference) -> ([B, S, H], cache): at prefill (`cache.k` None) the mask applies to the
+        fresh keys, which come back in the cache layout; otherwise the new keys are appended at the rows'
+        indices and the queries attend over the cache (`mask` unused)."""
         c = self.config
         dt = x.dtype
         q = dense(x, self.wq[...].astype(dt))
@@ -252,9 +288,16 @@ class Attention(nnx.Module):
         k = checkpoint_name(shard(k, ("act_batch", "act_length", "act_kv_heads", "act_head_dim")), "key_proj")
         v = checkpoint_name(shard(v, ("act_batch", "act_length", "act_kv_heads", "act_head_dim")), "value_proj")
         q, k = apply_interleaved_rope(q, angles), apply_interleaved_rope(k, angles)
-        o = attention(q, k, v, mask, scale=c.head_dim ** -0.5, impl=c.attention_impl)
+        if cache is not None and cache.k is not None:
+            cache = cache.append(k, v)
+            o = cache.attend(q, c.head_dim ** -0.5)
+        else:
+            o = attention(q, k, v, mask, scale=c.head_dim ** -0.5, impl=c.attention_impl)
+            if cache is not None:
+                cache = cache.replace(k=k.transpose(0, 2, 1, 3), v=v.transpose(0, 2, 1, 3))
         o = checkpoint_name(shard(o, ("act_batch", "act_length", "act_heads", "act_head_dim")), "attention_out")
         out = dense(o, self.wo[...].astype(dt), n_in=2)
         if c.use_bias:
             out = out + self.bo[...].astype(dt)
-        return checkpoint_name(shard(out, ("act_batch", "act_length", "act_embed")), "out_proj")
+        out = checkpoint_name(shard(out, ("act_batch", "act_length", "act_embed")), "out_proj")
+        return out if cache is None else (out, cache)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ernie_jax.config import ErnieConfig
-from ernie_jax.model.attention import Attention, AttentionMask
+from ernie_jax.model.attention import Attention, AttentionMask, LayerCache
 from ernie_jax.model.mlp import MLP
 from ernie_jax.model.moe import MoEBlock, MoEStats
 from ernie_jax.model.norm import RMSNorm
@@ -40,15 +40,23 @@ class DecoderLayer(nnx.Module):
             raise ValueError(f"unknown layer kind {kind!r}")
 
     def __call__(self, x: jax.Array, angles: jax.Array, mask: AttentionMask,
-                 token_mask: jax.Array | None = None,
-                 modality: jax.Array | None = None) -> tuple[jax.Array, MoEStats | None]:
-        """x [B, S, H] -> ([B, S, H], router statistics of a MoE layer or None). modality [B, S]: the VL
-        routing type ids (`MoEBlock`)."""
-        x = x + self.attn(self.input_norm(x), angles, mask)
+                 token_mask: jax.Array | None = None, modality: jax.Array | None = None,
+                 cache: LayerCache | None = None) -> tuple:
+        """x [B, S, H] -> ([B, S, H], router statistics of a MoE layer or None), plus the updated cache when
+        one is given (inference, `Attention`). modality [B, S]: the VL routing type ids (`MoEBlock`)."""
+        if cache is None:
+            x = x + self.attn(self.input_norm(x), angles, mask)
+        else:
+            a, cache = self.attn(self.input_norm(x), angles, mask, cache)
+            x = x + a
         if self.kind == "moe":
-            y, stats = self.mlp(self.post_attn_norm(x), token_mask, modality)
-            return x + y, stats
-        return x + self.mlp(self.post_attn_norm(x)), None
+            # decoding a few tokens (cache given, not prefill): the cheapest exact dispatch for small counts
+            y, stats = self.mlp(self.post_attn_norm(x), token_mask, modality,
+                                few_tokens=cache is not None and cache.k is not None)
+            x = x + y
+        else:
+            x, stats = x + self.mlp(self.post_attn_norm(x)), None
+        return (x, stats) if cache is None else (x, stats, cache)
 
 
 def stack_modules(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs) -> nnx.Module:
@@ -70,10 +78,23 @@ class LayerStack(nnx.Module):
         self.layers = stack_modules(lambda r: DecoderLayer(config, kind, rngs=r), n, rngs)
 
     def __call__(self, x: jax.Array, angles: jax.Array, mask: AttentionMask,
-                 token_mask: jax.Array | None = None,
-                 modality: jax.Array | None = None) -> tuple[jax.Array, MoEStats | None]:
-        """-> (x, MoEStats with a leading [n] layer axis, or None for dense stacks)."""
+                 token_mask: jax.Array | None = None, modality: jax.Array | None = None,
+                 cache: LayerCache | None = None) -> tuple:
+        """-> (x, MoEStats with a leading [n] layer axis, or None for dense stacks), plus the stack's cache
+        (k / v with a leading [n] layer axis, one index for all layers) when `cache` is given."""
         graphdef, state = nnx.split(self.layers)
+        if cache is not None:
+            def cached_body(h, xs):
+                layer_state, k, v = xs
+                h, stats, lc = nnx.merge(graphdef, layer_state)(h, angles, mask, token_mask, modality,
+                                                                LayerCache(k, v, cache.index))
+                return h, (stats, lc.k, lc.v)
+
+            if cache.k is None:  # prefill: the layers hand back their fresh keys, stacked by the scan
+                x, (stats, k, v) = jax.lax.scan(lambda h, st: cached_body(h, (st, None, None)), x, state)
+            else:
+                x, (stats, k, v) = jax.lax.scan(cached_body, x, (state, cache.k, cache.v))
+            return x, stats, cache.replace(k=k, v=v)
 
         def body(h, layer_state):
             return nnx.merge(graphdef, layer_state)(h, angles, mask, token_mask, modality)
@@ -101,14 +122,18 @@ class Decoder(nnx.Module):
         self.stacks = nnx.List([LayerStack(config, kind, n, rngs=rngs) for kind, n in layer_segments(config)])
 
     def __call__(self, x: jax.Array, angles: jax.Array, mask: AttentionMask,
-                 token_mask: jax.Array | None = None,
-                 modality: jax.Array | None = None) -> tuple[jax.Array, MoEStats | None]:
-        """-> (x, MoEStats stacked over all MoE layers in depth order, or None)."""
-        stats = []
-        for stack in self.stacks:
-            x, st = stack(x, angles, mask, token_mask, modality)
+                 token_mask: jax.Array | None = None, modality: jax.Array | None = None,
+                 caches: tuple[LayerCache, ...] | None = None) -> tuple:
+        """-> (x, MoEStats stacked over all MoE layers in depth order, or None), plus the stacks' caches
+        (one `LayerCache` per stack) when `caches` are given."""
+        stats, new_caches = [], []
+        for i, stack in enumerate(self.stacks):
+            if caches is None:
+                x, st = stack(x, angles, mask, token_mask, modality)
+            else:
+                x, st, c = stack(x, angles, mask, token_mask, modality, caches[i])
+                new_caches.append(c)
             if st is not None:
                 stats.append(st)
-        if not stats:
-            return x, None
-        return x, jax.tree.map(lambda *a: jnp.concatenate(a), *stats)
+        stats = jax.tree.map(lambda *a: jnp.concatenate(a), *stats) if stats else None
+        return (x, stats) if caches is None else (x, stats, tuple(new_caches))

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from ernie_jax.config import ErnieConfig
-from ernie_jax.model.attention import AttentionMask
+from ernie_jax.model.attention import AttentionMask, LayerCache
 from ernie_jax.model.decoder import Decoder
 from ernie_jax.model.dense import dense
 from ernie_jax.model.moe import MoEStats
@@ -94,6 +94,24 @@ class ErnieForCausalLM(nnx.Module):
                 outs.append(self._head(self.final_norm(hd)))
             mtp_logits = jnp.stack(outs)
         return CausalLMOutput(logits=self._head(h), hidden_states=h, moe_stats=moe_stats, mtp_logits=mtp_logits)
+
+    def forward_cached(self, x: jax.Array, angles: jax.Array, caches: tuple[LayerCache, ...], *,
+                       modality: jax.Array | None = None) -> tuple[jax.Array, jax.Array, tuple[LayerCache, ...]]:
+        """Inference: input embeddings x [B, S, H] and RoPE angles [B, S, D/2] through the decoder with one
+        `LayerCache` per stack (prefill: `k` None; decode: the new tokens appended at each row's index) ->
+        (fp32 logits [B, S, V], hidden states [B, S, H] before the final norm (the MTP input), caches).
+        Prefill is causal over the S tokens; rows may be right-padded (padding is never attended by a real
+        token). modality [B, S]: VL routing type ids (None: text)."""
+        x = shard(x, ("act_batch", "act_length", "act_embed"))
+        x, _, caches = self.decoder(x, angles, AttentionMask(causal=True), None, modality, caches)
+        return self._head(self.final_norm(x)), x, caches
+
+    def mtp_cached(self, depth: int, ids: jax.Array, h: jax.Array, angles: jax.Array,
+                   cache: LayerCache) -> tuple[jax.Array, jax.Array, LayerCache]:
+        """MTP depth `depth` (0-based) with its own cache: ids [B, S] (the tokens one ahead of the positions),
+        h [B, S, H] the previous depth's hidden states -> (fp32 logits [B, S, V], h_d, cache)."""
+        hd, cache = self.mtp[depth](self._embed(ids), h, angles, AttentionMask(causal=True), cache)
+        return self._head(self.final_norm(hd)), hd, cache
 
     def _head(self, h: jax.Array) -> jax.Array:
         """[B, S, H] -> fp32 logits [B, S, V] (the tied embedding or lm_head, plus the MoE head's bias)."""

@@ -78,6 +78,17 @@ class Experts(nnx.Module):
         y = jnp.where((r.expert_ids < e)[..., None], y, 0)  # slots of the other modality (id E): no rows
         return jnp.einsum("TKH,TK->TH", y, r.weights.astype(y.dtype))
 
+    def gathered(self, x: jax.Array, r: Routing) -> jax.Array:
+        """Each token through the weights of its own k experts, gathered: x [T, H] -> [T, H]. Reads T*k
+        experts' weights and sorts nothing: the cheapest exact path when T*k is small against E (decoding)."""
+        e = self.wi_gate.shape[0]
+        wg, wu, wo = self.weights(x.dtype)
+        ids = jnp.minimum(r.expert_ids, e - 1)  # the other modality's id E carries weight 0
+        hid = (ACTIVATIONS[self.act](jnp.einsum("TH,TKHI->TKI", x, wg[ids]))
+               * jnp.einsum("TH,TKHI->TKI", x, wu[ids]))
+        out = jnp.einsum("TKI,TKIH->TKH", hid, wo[ids])
+        return jnp.einsum("TKH,TK->TH", out, r.weights.astype(out.dtype))
+
     def capacity(self, x: jax.Array, r: Routing, *, capacity_factor: float) -> jax.Array:
         """GShard dispatch with capacity C = ceil(cf * T * k / E); x [T, H] -> [T, H]."""
         t, k = r.expert_ids.shape
@@ -146,8 +157,9 @@ class MoEBlock(nnx.Module):
                               use_bias=c.use_bias, std=c.initializer_range, param_dtype=pd, rngs=rngs)
 
     def _routed(self, router: Router, experts: Experts, xt: jax.Array, member: jax.Array | None,
-                token_mask: jax.Array | None) -> tuple[jax.Array, MoEStats]:
-        """One pool on xt [T, H]; member [T] bool restricts it to one modality (None: every token)."""
+                token_mask: jax.Array | None, few_tokens: bool = False) -> tuple[jax.Array, MoEStats]:
+        """One pool on xt [T, H]; member [T] bool restricts it to one modality (None: every token).
+        few_tokens (decoding): gather the chosen experts' weights when that reads fewer weights than all E."""
         c = self.config
         r = router(xt)
         mask = member if token_mask is None else token_mask if member is None else token_mask & member
@@ -155,7 +167,9 @@ class MoEBlock(nnx.Module):
         if member is not None:
             r = isolate(r, member)
         plan = expert_parallel_plan(c.moe_num_experts, xt.shape[0]) if c.moe_dispatch == "dropless" else None
-        if plan is not None:  # experts split over the `expert` mesh axis, all-to-all token exchange
+        if few_tokens and xt.shape[0] * c.moe_k <= c.moe_num_experts:
+            y = experts.gathered(xt, r)
+        elif plan is not None:  # experts split over the `expert` mesh axis, all-to-all token exchange
             y = dropless_expert_parallel(xt, r, *experts.weights(xt.dtype), plan=plan,
                                          act=ACTIVATIONS[experts.act], impl=c.moe_gmm_impl, tile=c.moe_gmm_tile)
         elif c.moe_dispatch == "dropless":
@@ -167,7 +181,7 @@ class MoEBlock(nnx.Module):
         return y, stats
 
     def __call__(self, x: jax.Array, token_mask: jax.Array | None = None,
-                 modality: jax.Array | None = None) -> tuple[jax.Array, MoEStats]:
+                 modality: jax.Array | None = None, few_tokens: bool = False) -> tuple[jax.Array, MoEStats]:
         """x [B, S, H], token_mask [B, S] bool (real tokens, for the statistics), modality [B, S] int
         (VL: `moe_mm_token_type_ids`, > 0 = vision pool; None = all text) -> ([B, S, H], MoEStats).
 
@@ -176,14 +190,14 @@ class MoEBlock(nnx.Module):
         xt = x.reshape(b * s, h)
         tm = None if token_mask is None else token_mask.reshape(-1)
         if not hasattr(self, "vision_router"):
-            y, stats = self._routed(self.router, self.experts, xt, None, tm)
+            y, stats = self._routed(self.router, self.experts, xt, None, tm, few_tokens)
         else:
             vision = jnp.zeros((b * s,), bool) if modality is None else modality.reshape(-1) > 0
-            y, text_stats = self._routed(self.router, self.experts, xt, ~vision, tm)
+            y, text_stats = self._routed(self.router, self.experts, xt, ~vision, tm, few_tokens)
             if modality is None:  # pure text (or decoding): the vision pool sees no token
                 vision_stats = jax.tree.map(jnp.zeros_like, text_stats)
             else:
-                y_v, vision_stats = self._routed(self.vision_router, self.vision_experts, xt, vision, tm)
+                y_v, vision_stats = self._routed(self.vision_router, self.vision_experts, xt, vision, tm, few_tokens)
                 y = y + y_v
             stats = jax.tree.map(lambda a, v: jnp.stack([a, v]), text_stats, vision_stats)
         y = y.reshape(b, s, h).astype(x.dtype)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ernie_jax.config import ErnieConfig
-from ernie_jax.model.attention import AttentionMask
+from ernie_jax.model.attention import AttentionMask, LayerCache
 from ernie_jax.model.decoder import DecoderLayer
 from ernie_jax.model.dense import dense
 from ernie_jax.model.norm import RMSNorm
@@ -33,11 +33,16 @@ class MTPDepth(nnx.Module):
                                  std=c.initializer_range, dtype=pd)
         self.layer = DecoderLayer(c, "dense", rngs=rngs)
 
-    def __call__(self, emb: jax.Array, h: jax.Array, angles: jax.Array, mask: AttentionMask) -> jax.Array:
-        """emb, h [B, S, H] -> h_d [B, S, H] (before the shared final norm)."""
+    def __call__(self, emb: jax.Array, h: jax.Array, angles: jax.Array, mask: AttentionMask,
+                 cache: LayerCache | None = None) -> jax.Array | tuple[jax.Array, LayerCache]:
+        """emb, h [B, S, H] -> h_d [B, S, H] (before the shared final norm); with a `cache` (inference,
+        `Attention`) -> (h_d, cache)."""
         u = jnp.concatenate([self.emb_norm(emb), self.hidden_norm(h)], axis=-1)
         u = dense(u, self.proj[...].astype(u.dtype))
-        return self.layer(u, angles, mask)[0]
+        if cache is None:
+            return self.layer(u, angles, mask)[0]
+        out, _, cache = self.layer(u, angles, mask, cache=cache)
+        return out, cache
 
 
 def mtp_inputs(input_ids: jax.Array, depth: int, fill: int = 0) -> jax.Array:

@@ -62,6 +62,27 @@ class ErnieVLForConditionalGeneration(ErnieForCausalLM):
         attention_mask [B, S]: 1 for real tokens, 0 for padding.
         """
         c = self.config
+        if position_ids is None and positions is not None:
+            position_ids = positions
+        x, position_ids, _ = self.embed_inputs(
+            input_ids, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
+            pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw,
+            mm_token_type_ids=mm_token_type_ids, attention_mask=attention_mask, segment_ids=segment_ids,
+            position_ids=position_ids)
+        angles = mrope_angles(position_ids, c.head_dim, c.rope_theta, c.mrope_section)
+        return self._decode(x, angles, segment_ids=segment_ids, attention_mask=attention_mask,
+                            mtp_input_ids=mtp_input_ids, modality=moe_mm_token_type_ids)
+
+    def embed_inputs(self, input_ids: jax.Array, *, pixel_values: jax.Array | None = None,
+                     image_grid_thw: jax.Array | None = None, pixel_values_videos: jax.Array | None = None,
+                     video_grid_thw: jax.Array | None = None, mm_token_type_ids: jax.Array | None = None,
+                     attention_mask: jax.Array | None = None, segment_ids: jax.Array | None = None,
+                     position_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+        """The decoder's inputs (arguments as in `__call__`): embeddings [B, S, H] with the images' and videos'
+        adapter tokens in their placeholders, 3D position ids [3, B, S], and rope_deltas [B, 1] (max position
+        + 1 - attended tokens: decoding continues at position index + delta; None when position_ids are
+        given)."""
+        c = self.config
         b, s = input_ids.shape
         if mm_token_type_ids is None:
             mm_token_type_ids = (jnp.where(input_ids == c.image_token_id, 1, 0)
@@ -75,23 +96,18 @@ class ErnieVLForConditionalGeneration(ErnieForCausalLM):
                 raise ValueError(f"{what} pixel values given without their grid_thw")
             feats, valid = self.adapter(self.vision(pix, grid, dtype=c.dtype), grid)
             x = _fill_placeholders(x, input_ids == token_id, feats.astype(x.dtype), valid, what)
-
-        if position_ids is None and positions is not None:
-            position_ids = positions
+        deltas = None
         if position_ids is None:
-            has_mm = image_grid_thw is not None or video_grid_thw is not None
-            if has_mm:
+            if image_grid_thw is not None or video_grid_thw is not None:
                 flat = lambda g: None if g is None else jnp.reshape(jnp.asarray(g), (-1, 3))  # noqa: E731
-                position_ids, _ = rope_index(mm_token_type_ids, flat(image_grid_thw), flat(video_grid_thw),
-                                             attention_mask, segment_ids,
-                                             spatial_merge_size=c.vision.spatial_merge_size,
-                                             temporal_merge_size=c.vision.temporal_merge_size, rule=c.mrope_rule)
+                position_ids, deltas = rope_index(mm_token_type_ids, flat(image_grid_thw), flat(video_grid_thw),
+                                                  attention_mask, segment_ids,
+                                                  spatial_merge_size=c.vision.spatial_merge_size,
+                                                  temporal_merge_size=c.vision.temporal_merge_size,
+                                                  rule=c.mrope_rule)
             else:  # transformers' default for text: 0..S-1 (padding not skipped)
-                position_ids, _ = rope_index(jnp.zeros((b, s), jnp.int32), None, None, None, segment_ids)
-        position_ids = _as_3d(jnp.asarray(position_ids), b, s)
-        angles = mrope_angles(position_ids, c.head_dim, c.rope_theta, c.mrope_section)
-        return self._decode(x, angles, segment_ids=segment_ids, attention_mask=attention_mask,
-                            mtp_input_ids=mtp_input_ids, modality=moe_mm_token_type_ids)
+                position_ids, deltas = rope_index(jnp.zeros((b, s), jnp.int32), None, None, None, segment_ids)
+        return x, _as_3d(jnp.asarray(position_ids), b, s), deltas
 
 
 def _as_3d(position_ids: jax.Array, b: int, s: int) -> jax.Array:
