@@ -179,7 +179,12 @@ class Request:
 
     @property
     def num_prompt_tokens(self) -> int:
-        return len(self.prompt) if isinstance(self.prompt, (list, tuple)) else len(self.prompt.input_ids)
+        return len(self.prompt) if _is_text(self.prompt) else len(self.prompt.input_ids)
+
+
+def _is_text(prompt) -> bool:
+    """Token ids, not an `EncodedPrompt` (a NamedTuple, hence a tuple too)."""
+    return isinstance(prompt, (list, tuple)) and not hasattr(prompt, "input_ids")
 
 
 def _pow2(n: int, lo: int = 16) -> int:
@@ -251,7 +256,7 @@ class Engine:
         events = []
         while free and self._queue:
             take = 0  # consecutive text prompts prefill together; a VL prompt alone
-            while take < min(len(free), len(self._queue)) and isinstance(self._queue[take].prompt, (list, tuple)):
+            while take < min(len(free), len(self._queue)) and _is_text(self._queue[take].prompt):
                 take += 1
             batch = [self._queue.pop(0) for _ in range(max(take, 1))]
             rows, free = free[:len(batch)], free[len(batch):]
@@ -269,14 +274,14 @@ class Engine:
         new["top_p"], new["eos"] = np.ones((m,), np.float32), np.full((m,), -1, np.int32)
         mm = None
         for j, (r, row) in enumerate(zip(batch, rows)):
-            prompt = r.prompt if isinstance(r.prompt, (list, tuple)) else r.prompt.input_ids
+            prompt = r.prompt if _is_text(r.prompt) else r.prompt.input_ids
             ids[j, :len(prompt)], lengths[j], slot_ids[j] = prompt, len(prompt), row
             sp = r.sampling
             new["seed"][j], new["temperature"][j], new["top_k"][j], new["top_p"][j] = (
                 sp.seed, sp.temperature, sp.top_k, sp.top_p)
             new["max_new"][j] = r.max_new_tokens
             new["eos"][j] = -1 if r.eos_token_id is None else r.eos_token_id
-            if not isinstance(r.prompt, (list, tuple)):
+            if not _is_text(r.prompt):
                 mm = _vl_arrays(r.prompt, p)
             self._owner[row] = r
         t0 = time.perf_counter()
