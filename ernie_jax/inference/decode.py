@@ -2,8 +2,11 @@
 MTP depths' passes used for speculative drafts. Pure functions of a merged model (call them inside `jax.jit`).
 
 Positions: a row's prompt tokens sit at cache positions 0..P-1 (right padding: no real token attends to it);
-the token at cache position n has RoPE position n + delta, delta = 0 for text and transformers' rope delta
-(max 3D position + 1 - prompt tokens) for VL prompts, whose generated tokens are text with t = h = w.
+the token at cache position n has RoPE position n + delta, delta = 0 for text and, for VL prompts (whose
+generated tokens are text with t = h = w), the last prompt token's position + 1 - prompt tokens: decoding
+continues from the last prompt token, as transformers' `generate` does (`position_ids[..., -1:] + 1`). That
+equals transformers' rope_deltas (max position + 1 - prompt tokens) except under mrope rule "hf" after a video
+whose temporal extent reaches past the text after it (`mrope` module doc), where rope_deltas would be larger.
 """
 
 from __future__ import annotations
@@ -39,10 +42,11 @@ def prefill(model, ids: jax.Array, lengths: jax.Array, mm: dict[str, Any] | None
     modality = None
     if mm:
         valid = jnp.arange(p)[None, :] < lengths[:, None]
-        x, position_ids, deltas = model.embed_inputs(ids, attention_mask=valid,
-                                                     **{k: mm[k] for k in VL_INPUTS if k in mm})
+        x, position_ids, _ = model.embed_inputs(ids, attention_mask=valid,
+                                                **{k: mm[k] for k in VL_INPUTS if k in mm})
         angles = mrope_angles(position_ids, c.head_dim, c.rope_theta, c.mrope_section)
-        delta = jnp.zeros((b,), jnp.int32) if deltas is None else deltas[:, 0].astype(jnp.int32)
+        last = jnp.take_along_axis(position_ids[0], (lengths - 1)[:, None], axis=1)[:, 0]  # t row (text: t=h=w)
+        delta = (last + 1 - lengths).astype(jnp.int32)
         modality = mm.get("moe_mm_token_type_ids")
     else:
         x = model._embed(ids)

@@ -79,9 +79,10 @@ class ErnieVLForConditionalGeneration(ErnieForCausalLM):
                      attention_mask: jax.Array | None = None, segment_ids: jax.Array | None = None,
                      position_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array | None]:
         """The decoder's inputs (arguments as in `__call__`): embeddings [B, S, H] with the images' and videos'
-        adapter tokens in their placeholders, 3D position ids [3, B, S], and rope_deltas [B, 1] (max position
-        + 1 - attended tokens: decoding continues at position index + delta; None when position_ids are
-        given)."""
+        adapter tokens in their placeholders, 3D position ids [3, B, S], and rope_deltas [B, 1] (transformers'
+        max position + 1 - attended tokens; None when position_ids are given). Decoding continues from the last
+        prompt token's position + 1 (`inference.decode`), which differs from index + rope_delta after a video
+        whose temporal extent reaches past the text after it (mrope rule "hf")."""
         c = self.config
         b, s = input_ids.shape
         if mm_token_type_ids is None:
