@@ -1,0 +1,38 @@
+"""The KV cache: one k / v pair per scanned stack, sharded like the activations, bytes per token, and
+`insert` writing prefilled rows into their slots only."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from ernie_jax import get_preset
+from ernie_jax.inference.cache import bytes_per_token, init_cache, insert
+from ernie_jax.sharding import MeshConfig, activate, make_mesh
+
+CFG = get_preset("tiny-moe-test")  # layers [dense, moe, moe]: two stacks
+
+
+def test_layout_and_bytes_per_token():
+    cache = init_cache(CFG, 3, 40, mtp_depths=1)
+    assert [a.shape for a in cache.k] == [(1, 3, 2, 40, 16), (2, 3, 2, 40, 16)]  # [L, B, Hkv, T, D] per stack
+    assert [a.shape for a in cache.mtp_v] == [(3, 2, 40, 16)]
+    total = sum(a.nbytes for a in cache.k + cache.v + cache.mtp_k + cache.mtp_v)
+    assert bytes_per_token(CFG, mtp_depths=1) * 3 * 40 == total
+
+
+def test_cache_shards_batch_and_kv_heads():
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    with activate(mesh, "fsdp_tensor"):
+        cache = jax.jit(lambda: init_cache(CFG, 4, 32))()
+    assert cache.k[1].sharding.spec[:3] == P(None, ("data", "fsdp"), "tensor")  # layers, batch, kv heads
+    assert all(s is None for s in cache.k[1].sharding.spec[3:])
+
+
+def test_insert_writes_only_the_given_slots():
+    cache = init_cache(CFG, 4, 16)
+    k = tuple(jnp.ones((a.shape[0], 2, 2, 5, 16)) for a in cache.k)
+    out = insert(cache, k, k, (), (), jnp.asarray([2, 4]))  # slot 4 >= batch: a padding row, dropped
+    got = np.asarray(out.k[1])
+    assert (got[:, 2, :, :5] == 1).all() and (got[:, 2, :, 5:] == 0).all()
+    assert (got[:, [0, 1, 3]] == 0).all()
