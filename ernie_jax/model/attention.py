@@ -234,7 +234,8 @@ class LayerCache:
     def attend(self, q: jax.Array, scale: float) -> jax.Array:
         """q [B, S, Hq, D] (the tokens just appended) over the cache -> [B, S, Hq, D]."""
         s, t = q.shape[1], self.k.shape[2]
-        allowed = jnp.arange(t)[None, None, None, :] <= (self.index[:, None] + jnp.arange(s)[None, :])[:, None, :, None]
+        last = self.index[:, None] + jnp.arange(s)[None, :]  # [B, S]: the last key each query sees
+        allowed = jnp.arange(t)[None, None, None, :] <= last[:, None, :, None]
         return _grouped_attention(q, self.k, self.v, allowed, scale, never_empty=True)
 
 
