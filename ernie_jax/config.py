@@ -314,7 +314,9 @@ def _from_hf_dict(cls, d: dict[str, Any], src: str, overrides: Mapping[str, Any]
     if "tie_word_embeddings" in d:  # the top-level flag wins for VL
         kw["tie_word_embeddings"] = d["tie_word_embeddings"]
 
-    used = set(_TEXT_REQUIRED) | set(_TEXT_OPTIONAL)
+    used = set(_TEXT_REQUIRED) | set(_TEXT_OPTIONAL) | {"num_nextn_predict_layers"}
+    if text.get("num_nextn_predict_layers"):  # any family may carry an MTP block
+        kw["num_nextn_predict_layers"] = text["num_nextn_predict_layers"]
     if model_type != "ernie4_5":
         for alias, name in _MOE_ALIASES.items():
             if alias in text and name not in text:
@@ -397,6 +399,8 @@ def _to_hf_dict(c: ErnieConfig) -> dict[str, Any]:
     if c.model_type == "ernie4_5":
         text["head_dim"] = c.head_dim
         text["model_type"] = "ernie4_5"
+        if c.num_nextn_predict_layers:  # the MTP block's weights are saved beside the model's
+            text["num_nextn_predict_layers"] = c.num_nextn_predict_layers
         return text
     if c.head_dim != c.hidden_size // c.num_attention_heads:
         # MoE / VL configs in transformers have no head_dim field but read it with getattr when present.

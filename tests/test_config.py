@@ -63,6 +63,12 @@ def test_released_config_json_matches_preset(name):
     assert ErnieConfig.from_hf(cfg.to_hf()) == cfg
 
 
+@pytest.mark.parametrize("name", ["tiny-test", "tiny-moe-test"])
+def test_mtp_depth_round_trips_for_dense_and_moe(name):
+    cfg = get_preset(name, num_nextn_predict_layers=1)
+    assert ErnieConfig.from_hf(cfg.to_hf()).num_nextn_predict_layers == 1
+
+
 @pytest.mark.parametrize("name", ["ernie-4.5-0.3b", "ernie-4.5-21b-a3b"])
 def test_hub_style_config_legacy_rope_theta_and_paddle_keys(name, caplog):
     with caplog.at_level(logging.WARNING):
