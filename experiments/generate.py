@@ -1,85 +1,252 @@
-"""Main job until the trainer lands: build (or load) a model, run a sharded forward, continue prompts greedily.
+"""Samples a trained model through the KV-cache engine, streaming the decoded text to stdout.
 
-    python -m experiments.generate                          # tiny random model on all local devices
-    python -m experiments.generate --hf_dir=/path/to/ERNIE-4.5-0.3B-PT --prompt_ids=1,2,3
+    python -m experiments.generate --workdir=runs/tiny --prompt='12+34=' --prompt='reverse abc ='
+    python -m experiments.generate --workdir=DIR --config=experiments/configs/NAME.py --weights=ema --prompt=...
+    python -m experiments.generate --hf_dir=DIR --prompt_ids=1,2,3 [--tokenizer=tokenizer.model --prompt=...]
+        [--max_new_tokens=64 --temperature=0.8 --top_k=50 --top_p=0.9 --seed=0 --speculative=mtp]
 
-The trainer issue replaces this with `experiments/train.py` (training the tiny default on the bundled
-synthetic data); until then a randomly initialised model produces arbitrary tokens, which is expected.
+The weights come from exactly one of `--workdir` (an `experiments.train` run: the newest loadable Orbax
+checkpoint, raw or `--weights=ema`; `--config` is the run's config file with the overrides that change the
+model or the train state, as for `experiments.export_hf`; text goes through its data config's sentencepiece
+model, bos first when the run's data adds one) or `--hf_dir` (`ernie_jax.from_pretrained`; text needs
+`--tokenizer`, and gets its bos). `--prompt_ids` are used as given. Prompt i samples with seed `--seed + i`,
+as in `ernie_jax.generate`, whose output this equals token for token.
+
+All prompts decode together, one cache slot each. Each prompt is printed with its continuation streaming
+behind it as chunks are decoded, in prompt order (a later prompt's text, decoded meanwhile, appears when the
+earlier ones end). A short run of the same shapes compiles everything first, so the closing tokens/s is
+decoding speed; with `--speculative=mtp` (MTP drafts, verified) it also gives the draft acceptance rate and
+the tokens per main-model forward.
 """
 
 from __future__ import annotations
 
+import logging as logging_std
+import os
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 from absl import app, flags, logging
-from flax import nnx
-from tqdm import tqdm
 
-import ernie_jax
-from ernie_jax.inference.greedy import greedy_steps
-from ernie_jax.model import create_model
-from ernie_jax.sharding import MeshConfig, activate, logical_to_spec, make_mesh, resolve_rules, sharding_table
+# --config and --workdir are the launcher's own flags (one definition for every CLI, so that they can live in
+# one process); --workdir is not required here: it or --hf_dir.
+from experiments.train import _CONFIG, _WORKDIR, _QuietLibraries, build
 
-_PRESET = flags.DEFINE_string("preset", "tiny", "model preset (ignored with --hf_dir)")
-_HF_DIR = flags.DEFINE_string("hf_dir", "", "a transformers ERNIE-4.5 directory to load instead of a preset")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute and parameter dtype")
-_RULES = flags.DEFINE_string("rules", "fsdp", "sharding rules preset")
-_BATCH = flags.DEFINE_integer("batch", 2, "number of prompts")
-_PROMPT_LEN = flags.DEFINE_integer("prompt_len", 8, "random prompt length (ignored with --prompt_ids)")
-_PROMPT_IDS = flags.DEFINE_string("prompt_ids", "", "comma-separated token ids of one prompt")
-_NEW = flags.DEFINE_integer("max_new_tokens", 24, "tokens to generate")
-_SEED = flags.DEFINE_integer("seed", 0, "init and prompt seed")
+_HF_DIR = flags.DEFINE_string("hf_dir", None, "a transformers ERNIE-4.5 directory (instead of --workdir)")
+_WEIGHTS = flags.DEFINE_enum("weights", "raw", ["raw", "ema"], "with --workdir: the raw parameters or their EMA")
+_TOKENIZER = flags.DEFINE_string("tokenizer", None, "a sentencepiece .model for the text (default with "
+                                 "--workdir: the run's data tokenizer; with --hf_dir: none)")
+_PROMPT = flags.DEFINE_multi_string("prompt", None, "a text prompt (repeat the flag for several)")
+_PROMPT_IDS = flags.DEFINE_multi_string("prompt_ids", None, "a prompt as comma-separated token ids (repeatable)")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 32, "at most this many new tokens per prompt (eos stops)")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "sampling temperature; 0 is greedy")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "sample among the k most likely tokens; 0: all")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "sample among the most likely tokens up to this probability mass")
+_SEED = flags.DEFINE_integer("seed", 0, "sampling seed of the first prompt (prompt i: seed + i)")
+_SPECULATIVE = flags.DEFINE_enum("speculative", None, ["mtp"], "draft with the model's MTP block, verify")
+
+_CHUNK = 8  # decode steps per engine chunk (ernie_jax.generate's default)
+
+
+def _check_flags():
+    """Usage errors that need no weights -> (each prompt's SamplingParams, the parsed --prompt_ids)."""
+    if bool(_WORKDIR.value) == bool(_HF_DIR.value):
+        raise app.UsageError(f"give exactly one of --workdir (a training run) or --hf_dir (a transformers "
+                             f"directory); got --workdir={_WORKDIR.value!r} --hf_dir={_HF_DIR.value!r}")
+    if _HF_DIR.value:
+        if not os.path.isfile(os.path.join(_HF_DIR.value, "config.json")):
+            raise app.UsageError(f"--hf_dir={_HF_DIR.value!r}: no config.json there (not a transformers directory)")
+        for name in ("config", "weights"):
+            if flags.FLAGS[name].present:
+                raise app.UsageError(f"--{name} describes a training run: use it with --workdir, not --hf_dir")
+    if bool(_PROMPT.value) == bool(_PROMPT_IDS.value):
+        raise app.UsageError("give the prompts as --prompt (text) or --prompt_ids (comma-separated ids), one of "
+                             f"the two; got --prompt={_PROMPT.value!r} --prompt_ids={_PROMPT_IDS.value!r}")
+    if _PROMPT.value and _HF_DIR.value and not _TOKENIZER.value:
+        raise app.UsageError("--prompt with --hf_dir needs --tokenizer=path/to/tokenizer.model (a sentencepiece "
+                             "model); or give token ids with --prompt_ids")
+    if _TOKENIZER.value and not os.path.isfile(_TOKENIZER.value):
+        raise app.UsageError(f"--tokenizer={_TOKENIZER.value!r}: no such file")
+    if _MAX_NEW.value < 1:
+        raise app.UsageError(f"--max_new_tokens must be >= 1, got {_MAX_NEW.value}")
+    ids = []
+    for s in _PROMPT_IDS.value or ():
+        try:
+            ids.append([int(t) for t in s.split(",")])
+        except ValueError:
+            raise app.UsageError(f"--prompt_ids={s!r}: expected comma-separated integers, e.g. 1,2,3") from None
+    if any(t < 0 for p in ids for t in p):
+        raise app.UsageError(f"--prompt_ids: token ids must be >= 0, got {ids}")
+    from ernie_jax.inference import SamplingParams
+    n = len(_PROMPT.value or ids)
+    if not 0 <= _SEED.value <= 2**32 - n:
+        raise app.UsageError(f"--seed must be in [0, 2**32 - {n}] ({n} prompts use seed + i), got {_SEED.value}")
+    try:
+        sampling = [SamplingParams(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value, _SEED.value + i) for i in range(n)]
+    except ValueError as e:  # the message starts with the parameter's name, which is the flag's
+        raise app.UsageError(f"--{e}") from None
+    return sampling, ids
+
+
+def load_run(config, workdir: str, *, ema: bool):
+    """(model, mesh, rules, data config, step) of the newest loadable checkpoint of a training run.
+
+    The restore target is abstract (shapes and the shardings `train()` gives the state on the config's mesh),
+    as in `experiments.export_hf`; the EMA is cast to the parameters' dtypes."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from ernie_jax.checkpoint.orbax import Checkpointer
+    from ernie_jax.model import abstract_model
+    from ernie_jax.sharding import make_mesh, param_shardings, resolve_rules
+    from ernie_jax.train.optimizer import make_optimizer
+    from ernie_jax.train.step import TrainState, merge_model, split_model, state_shardings
+
+    train_cfg, data_cfg, _ = build(config)
+    mesh, rules = make_mesh(train_cfg.mesh), resolve_rules(train_cfg.mesh)
+    has_ema = train_cfg.loss.ema > 0
+    if ema and not has_ema:
+        raise app.UsageError("--weights=ema: this run keeps no EMA (its config.loss has no ema_decay / ema_window)")
+    graphdef, p_state, b_state = split_model(abstract_model(train_cfg.model))
+    shard = nnx.to_pure_dict(param_shardings(p_state, mesh, rules))
+    params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                          nnx.to_pure_dict(p_state), shard)
+    buffers = nnx.to_pure_dict(b_state)
+    tx, _ = make_optimizer(train_cfg.optimizer, train_cfg.total_steps)
+    shapes = jax.eval_shape(lambda p, b: TrainState(
+        step=jnp.zeros((), jnp.int32), params=p, buffers=b, opt_state=tx.init(p),
+        ema=jax.tree.map(lambda x: x.astype(jnp.float32), p) if has_ema else None,
+        nonfinite_run=jnp.zeros((), jnp.int32), nonfinite_total=jnp.zeros((), jnp.int32)), params, buffers)
+    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
+                          state_shardings(shapes, params, mesh))
+    directory = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(directory):
+        raise app.UsageError(f"--workdir={workdir!r}: no checkpoints in {directory}")
+    ckpt = Checkpointer(directory, async_save=False)
+    try:
+        restored = ckpt.restore(target, with_data=False)
+    finally:
+        ckpt.close()
+    if restored is None:
+        raise app.UsageError(f"--workdir={workdir!r}: no checkpoint in {directory} restores into the train state "
+                             f"of --config (see the warnings above): is it the run's config, with its overrides?")
+    step, state, _ = restored
+    weights = jax.tree.map(lambda e, p: e.astype(p.dtype), state.ema, state.params) if ema else state.params
+    model = merge_model(graphdef, p_state, b_state, weights, state.buffers)
+    return model, mesh, rules, data_cfg, step
+
+
+class _Printer:
+    """Prints every request's continuation behind its prompt, in request order, as its tokens arrive: text
+    when there is a tokenizer (eos left out; an incomplete UTF-8 character waits for its next piece), ids
+    otherwise."""
+
+    def __init__(self, tok, prompts: list[list[int]], eos: int | None):
+        self.tok, self.prompts, self.eos = tok, prompts, eos
+        self.tokens = [[] for _ in prompts]
+        self.done = [False] * len(prompts)
+        self.printed = [""] * len(prompts)
+        self.current = -1
+        self._next()
+
+    def _text(self, ids: list[int]) -> str:
+        return self.tok.decode([t for t in ids if t < self.tok.vocab_size])
+
+    def _render(self, i: int) -> str:
+        new = self.tokens[i]
+        if self.tok is None:
+            return "".join(f" {t}" for t in new)
+        if self.done[i] and new and new[-1] == self.eos:
+            new = new[:-1]
+        before, after = self._text(self.prompts[i]), self._text(self.prompts[i] + new)
+        text = after[len(before):] if after.startswith(before) else self._text(new)
+        return text if self.done[i] else text.rstrip("\ufffd")
+
+    def _next(self) -> None:
+        self.current += 1
+        if self.current < len(self.prompts):
+            p = self.prompts[self.current]
+            head = self._text(p) if self.tok is not None else f"{p} ->"
+            print(f"[{self.current}] {head}", end="", flush=True)
+
+    def add(self, i: int, tokens: list[int], done: bool) -> None:
+        self.tokens[i] += tokens
+        self.done[i] = self.done[i] or done
+        while self.current < len(self.prompts):
+            c = self.current
+            text = self._render(c)
+            if len(text) > len(self.printed[c]):
+                print(text[len(self.printed[c]):], end="", flush=True)
+                self.printed[c] = text
+            if not self.done[c]:
+                return
+            print(flush=True)
+            self._next()
 
 
 def main(argv):
-    del argv
-    print("ernie-jax main job: no trainer yet (it lands with the trainer issue). This builds a model, runs a "
-          "sharded forward and continues prompts greedily. A random model's continuations are arbitrary.")
-    mesh_cfg = MeshConfig(fsdp=-1, rules=_RULES.value)
-    mesh = make_mesh(mesh_cfg)
-    rules = resolve_rules(mesh_cfg)
-    if _HF_DIR.value:
-        model = ernie_jax.from_pretrained(_HF_DIR.value, dtype=_DTYPE.value, mesh=mesh, rules=rules)
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]} (flags are --name=value)")
+    logging.get_absl_handler().addFilter(_QuietLibraries())
+    sampling, prompt_ids = _check_flags()
+
+    import ernie_jax
+    from ernie_jax.data.tokenizer import SentencePieceTokenizer
+    from ernie_jax.inference import Engine
+
+    mesh = rules = None
+    if _WORKDIR.value:
+        model, mesh, rules, data_cfg, step = load_run(_CONFIG.value, _WORKDIR.value, ema=_WEIGHTS.value == "ema")
+        tok_path, add_bos = _TOKENIZER.value or data_cfg.tokenizer, data_cfg.add_bos
+        print(f"step {step} of {_WORKDIR.value} ({_WEIGHTS.value} weights)")
     else:
-        cfg = ernie_jax.get_preset(_PRESET.value, dtype=_DTYPE.value, param_dtype=_DTYPE.value)
-        model = create_model(cfg, seed=_SEED.value, mesh=mesh, rules=rules)
+        model = ernie_jax.from_pretrained(_HF_DIR.value)
+        tok_path, add_bos = _TOKENIZER.value, True
     cfg = model.config
-    logging.info("config: %s", cfg)
-    logging.info("parameters (%s) on mesh %s:\n%s", f"{ernie_jax.count_params(cfg):,}", dict(mesh.shape),
-                 sharding_table(nnx.state(model, nnx.Param), mesh, rules))
-
-    rng = np.random.RandomState(_SEED.value)
-    if _PROMPT_IDS.value:
-        prompt = np.asarray([[int(t) for t in _PROMPT_IDS.value.split(",")]] * _BATCH.value, np.int32)
+    if _PROMPT.value and not tok_path:
+        raise app.UsageError("--prompt: this run's data config has no tokenizer; give --tokenizer=path.model or "
+                             "--prompt_ids")
+    tok = SentencePieceTokenizer(tok_path) if tok_path else None
+    if tok is not None and _PROMPT.value:
+        bos = [tok.bos_id] if add_bos and tok.bos_id >= 0 else []
+        prompts = [bos + tok.encode(p).tolist() for p in _PROMPT.value]
     else:
-        prompt = rng.randint(3, cfg.vocab_size, (_BATCH.value, _PROMPT_LEN.value)).astype(np.int32)
-    if prompt.max() >= cfg.vocab_size:
-        raise app.UsageError(f"--prompt_ids has id {prompt.max()} >= vocab_size {cfg.vocab_size}")
+        prompts = prompt_ids
+    # the run's tokenizer's eos, as the trainer's evaluation uses; a transformers directory's config's
+    eos = tok.eos_id if _WORKDIR.value and tok is not None and tok.eos_id >= 0 else cfg.eos_token_id
+    # cache length and slots as ernie_jax.generate picks them, so that the tokens are its own
+    max_len = min(cfg.max_position_embeddings, -(-(max(map(len, prompts)) + _MAX_NEW.value) // 64) * 64)
 
-    with activate(mesh, rules):
-        graphdef, state = nnx.split(model)
-        forward = jax.jit(lambda st, ids: nnx.merge(graphdef, st)(ids).logits)
-        ids = jax.device_put(jnp.asarray(prompt), jax.sharding.NamedSharding(mesh, logical_to_spec(
-            ("act_batch", "act_length"), prompt.shape, dict(mesh.shape), rules)))
-        t0 = time.perf_counter()
-        logits = jax.block_until_ready(forward(state, ids))
-        t1 = time.perf_counter()
-        jax.block_until_ready(forward(state, ids))
-        t2 = time.perf_counter()
-        print(f"forward {tuple(prompt.shape)} -> logits {tuple(logits.shape)}: compile+run {t1 - t0:.2f} s, "
-              f"run {1e3 * (t2 - t1):.1f} ms; finite: {bool(jnp.isfinite(logits).all())}")
-        tokens = jnp.asarray(prompt)
-        for tokens in tqdm(greedy_steps(model, tokens, _NEW.value), total=_NEW.value, desc="greedy decoding",
-                           unit="tok"):
-            pass
-    out = np.asarray(tokens)
-    for i, row in enumerate(out):
-        p = prompt.shape[1]
-        print(f"[{i}] prompt {row[:p].tolist()} -> continuation {row[p:].tolist()}")
+    def engine(max_new: int, eos_id: int | None) -> tuple[Engine, list[int]]:
+        try:
+            e = Engine(model, max_slots=len(prompts), max_len=max_len, speculative=_SPECULATIVE.value,
+                       chunk=_CHUNK, mesh=mesh, rules=rules)
+            ids = []
+            for i, (p, s) in enumerate(zip(prompts, sampling)):
+                try:
+                    ids.append(e.submit(p, max_new_tokens=max_new, sampling=s, eos_token_id=eos_id))
+                except ValueError as err:
+                    raise ValueError(f"--{'prompt' if _PROMPT.value else 'prompt_ids'} #{i}: {err}") from None
+        except ValueError as err:  # a prompt or flag this model cannot take (vocabulary, length, MTP)
+            raise app.UsageError(str(err)) from None
+        return e, ids
+
+    warm, _ = engine(min(2, _MAX_NEW.value), None)  # compiles prefill and a decode chunk of these shapes
+    warm.run()
+    e, ids = engine(_MAX_NEW.value, eos)
+    printer = _Printer(tok, prompts, eos)
+    t0 = time.perf_counter()
+    for rid, new, done in e.stream():
+        printer.add(ids.index(rid), new, done)
+    dt = time.perf_counter() - t0
+    s = e.summary()
+    n = s["generated_tokens"]
+    print(f"{len(prompts)} prompt(s), {n} new tokens in {dt:.3f} s: {n / dt:.1f} tokens/s")
+    if _SPECULATIVE.value:
+        print(f"speculative decoding (MTP drafts): acceptance rate {s['acceptance_rate']:.2f}, "
+              f"{s['tokens_per_forward']:.2f} tokens per forward")
 
 
 if __name__ == "__main__":
+    logging_std.getLogger("ernie_jax").setLevel(logging_std.INFO)
     app.run(main)

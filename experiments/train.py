@@ -5,7 +5,8 @@
     # or --coordinator_address=HOST:PORT --num_processes=N --process_id=I
 
 Resumes from DIR/checkpoints when it exists. Writes DIR/metrics.jsonl and TensorBoard events; evaluates on
-the held-out split (LM loss and task accuracy by greedy completion) and prints a few continuations.
+the held-out split (LM loss and task accuracy by greedy completion) and prints a few continuations (with MTP
+weights: decoded speculatively, followed by the draft acceptance rate).
 """
 
 from __future__ import annotations
@@ -21,7 +22,11 @@ from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/tiny.py", "experiment config file")
-_WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints and metrics go", required=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints and metrics go (required)")
+# Required, except in a process that also defines experiments.generate's --hf_dir: that CLI shares this flag
+# (one definition lets the CLIs live in one process) and takes --workdir or --hf_dir, checking it itself.
+flags.register_validator("workdir", lambda v: v is not None or "hf_dir" in flags.FLAGS,
+                         message="--workdir is required")
 _NO_PROGRESS = flags.DEFINE_bool("no_progress", False, "no progress bar (logs only)")
 # Multi-process (multi-host) runs: every process runs this same command; jax.distributed connects them.
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() with the cluster "
@@ -146,12 +151,15 @@ def main(argv):
         final = evaluate(eval_fn, out["model"], out["state"], out["step"])
         if lead:
             print("held-out: " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(final.items())))
-    if extras["samples"]:
-        if lead:
-            print_samples(out["model"], data_cfg, extras["samples"])
-        else:  # the same computation, output dropped
-            with contextlib.redirect_stdout(io.StringIO()):
-                print_samples(out["model"], data_cfg, extras["samples"])
+    if extras["samples"]:  # through the engine; with MTP weights, speculatively (the same greedy samples)
+        model = out["model"]
+        spec = "mtp" if model.config.num_nextn_predict_layers and hasattr(model, "mtp") else None
+        mute = contextlib.nullcontext() if lead else contextlib.redirect_stdout(io.StringIO())
+        with mute:  # every process computes (collectives), process 0 prints
+            stats = print_samples(model, data_cfg, extras["samples"], speculative=spec)
+            if spec:
+                print(f"speculative decoding (MTP drafts): acceptance rate {stats['acceptance_rate']:.2f}, "
+                      f"{stats['tokens_per_forward']:.2f} tokens per forward")
 
 
 if __name__ == "__main__":

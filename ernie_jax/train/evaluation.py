@@ -4,7 +4,9 @@ questions about rendered images (VQA, for VL models).
 
 One recipe for both: `make_eval_fn` / `make_vqa_eval_fn` build an `eval_fn(model, step) -> metrics` from a
 task's `_Task` (how to pick examples, answer them greedily and check the answers) and the held-out
-batches; `print_samples` / `print_vqa_samples` show a few answers.
+batches; `print_samples` / `print_vqa_samples` show a few answers. Answers are decoded by the KV-cache
+engine (`ernie_jax.generate`); the printed samples can go through MTP speculative decoding, whose greedy
+answers are the plain ones, and then report how many drafts were accepted.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from flax import nnx
 
 from ernie_jax.data import make_pipeline, synthetic
 from ernie_jax.data.tokenizer import SentencePieceTokenizer
-from ernie_jax.inference.greedy import greedy_generate_ragged
+from ernie_jax.inference import generate
 from ernie_jax.losses import token_cross_entropy
 
 
@@ -57,23 +59,49 @@ def _completion(tok: SentencePieceTokenizer, prompt: list[int], new: list[int]) 
 @dataclasses.dataclass(frozen=True)
 class _Task:
     pick: Callable[[int], list[dict]]  # n -> held-out examples
-    answer: Callable[[nnx.Module, object, list[dict], int | None], list[str]]  # greedy completions
+    # (model, data config, examples, max new tokens or None, speculative, stats or None) -> greedy completions
+    answer: Callable[[nnx.Module, object, list[dict], int | None, str | None, dict | None], list[str]]
     check: Callable[[dict, str], bool]
     describe: Callable[[dict], str]  # the prompt, for printing
     chance: dict[str, float] | None = None  # per task: the best image-blind (answer-prior) accuracy
 
 
-def _text_answers(model: nnx.Module, data_cfg, examples: list[dict], max_new: int | None) -> list[str]:
+_COUNTERS = ("generated_tokens", "forwards", "accepted")  # the engine's, summed over `_greedy` calls
+
+
+def _greedy(model: nnx.Module, prompts: list, max_new: int, eos: int, speculative: str | None,
+            stats: dict | None) -> list[list[int]]:
+    """Each prompt's greedy new tokens without the eos (the engine keeps it); adds the engine's counters to
+    `stats` when given."""
+    summary: dict = {}
+    outs = generate(model, prompts, max_new_tokens=max_new, eos_token_id=eos, speculative=speculative,
+                    stats=summary)
+    if stats is not None:
+        for k in _COUNTERS:
+            stats[k] = stats.get(k, 0) + summary[k]
+    return [o[:-1] if o and o[-1] == eos else o for o in outs]
+
+
+def _rates(stats: dict) -> dict:
+    """The summed counters plus the engine's speculative rates over them: accepted drafts per draft, and
+    generated tokens per main-model decode forward."""
+    fw = max(stats.get("forwards", 0), 1)
+    return dict(stats, acceptance_rate=stats.get("accepted", 0) / fw,
+                tokens_per_forward=(stats.get("forwards", 0) + stats.get("accepted", 0)) / fw)
+
+
+def _text_answers(model: nnx.Module, data_cfg, examples: list[dict], max_new: int | None,
+                  speculative: str | None = None, stats: dict | None = None) -> list[str]:
     tok = SentencePieceTokenizer(data_cfg.tokenizer)
     prompts = [([tok.bos_id] if data_cfg.add_bos else []) + tok.encode(e["prompt"]).tolist() for e in examples]
     max_new = max_new or max(len(tok.encode(e["answer"])) for e in examples) + 2
-    outs = greedy_generate_ragged(model, prompts, max_new, pad_id=data_cfg.pad_id, eos_id=tok.eos_id)
+    outs = _greedy(model, prompts, max_new, tok.eos_id, speculative, stats)
     return [_completion(tok, p, o) for p, o in zip(prompts, outs)]
 
 
-def _vqa_answers(model: nnx.Module, data_cfg, examples: list[dict], max_new: int | None) -> list[str]:
+def _vqa_answers(model: nnx.Module, data_cfg, examples: list[dict], max_new: int | None,
+                 speculative: str | None = None, stats: dict | None = None) -> list[str]:
     from ernie_jax.data.multimodal import encode_example_prompt  # noqa: PLC0415
-    from ernie_jax.inference.greedy import greedy_generate_multimodal  # noqa: PLC0415
     tok = SentencePieceTokenizer(data_cfg.tokenizer)
     prompts = [encode_example_prompt(e, data_cfg) for e in examples]
     out: list[str] = [""] * len(examples)
@@ -82,8 +110,7 @@ def _vqa_answers(model: nnx.Module, data_cfg, examples: list[dict], max_new: int
         by_task.setdefault(e["task"], []).append(i)
     for idx in by_task.values():  # per question type: short answers do not decode for as long as captions
         n_new = max_new or max(len(tok.encode(examples[i]["answer"])) for i in idx) + 2
-        outs = greedy_generate_multimodal(model, [prompts[i] for i in idx], n_new, pad_id=data_cfg.pad_id,
-                                          eos_id=tok.eos_id)
+        outs = _greedy(model, [prompts[i] for i in idx], n_new, tok.eos_id, speculative, stats)
         for i, o in zip(idx, outs):
             out[i] = _completion(tok, prompts[i].input_ids.tolist(), o)
     return out
@@ -125,7 +152,7 @@ def _make_eval_fn(task: _Task, data_cfg, batches: list[dict], keys: tuple[str, .
             metrics["eval/loss"] = heldout_loss(model, batches, keys)
         if examples:
             hits: dict[str, list[bool]] = {}
-            for e, got in zip(examples, task.answer(model, data_cfg, examples, None)):
+            for e, got in zip(examples, task.answer(model, data_cfg, examples, None, None, None)):
                 hits.setdefault(e["task"], []).append(task.check(e, got))
             for name, h in sorted(hits.items()):
                 metrics[f"eval/acc_{name}"] = float(np.mean(h))
@@ -161,18 +188,24 @@ def make_vqa_eval_fn(data_cfg, heldout_cfg, n_examples: int, lm_batches: int = 2
     return _make_eval_fn(_vqa_task(), data_cfg, batches, VL_KEYS, n_examples)
 
 
-def _print(task: _Task, model: nnx.Module, data_cfg, n: int, max_new: int | None) -> None:
+def _print(task: _Task, model: nnx.Module, data_cfg, n: int, max_new: int | None, speculative: str | None
+           ) -> dict:
     examples = task.pick(n)
-    for e, got in zip(examples, task.answer(model, data_cfg, examples, max_new)):
+    stats: dict = {}
+    for e, got in zip(examples, task.answer(model, data_cfg, examples, max_new, speculative, stats)):
         mark = "ok " if task.check(e, got) else "   "
         print(f"{mark}[{e['task']}] {task.describe(e)} -> {got!r} (expected {e['answer']!r})")
+    return _rates(stats)
 
 
-def print_samples(model: nnx.Module, data_cfg, n: int, max_new: int = 24) -> None:
-    """Greedy continuations of n held-out text prompts, with the expected answers."""
-    _print(_text_task(), model, data_cfg, n, max_new)
+def print_samples(model: nnx.Module, data_cfg, n: int, max_new: int = 24, speculative: str | None = None
+                  ) -> dict:
+    """Greedy continuations of n held-out text prompts, with the expected answers. speculative="mtp" decodes
+    them with MTP drafts (the same answers). Returns the engine's counters: generated_tokens, forwards,
+    accepted, acceptance_rate, tokens_per_forward."""
+    return _print(_text_task(), model, data_cfg, n, max_new, speculative)
 
 
-def print_vqa_samples(model: nnx.Module, data_cfg, n: int) -> None:
-    """Greedy answers to n held-out image questions, with the expected answers."""
-    _print(_vqa_task(), model, data_cfg, n, None)
+def print_vqa_samples(model: nnx.Module, data_cfg, n: int, speculative: str | None = None) -> dict:
+    """Greedy answers to n held-out image questions, with the expected answers; like `print_samples`."""
+    return _print(_vqa_task(), model, data_cfg, n, None, speculative)

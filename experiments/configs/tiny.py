@@ -11,7 +11,8 @@ from ml_collections import ConfigDict
 def get_config() -> ConfigDict:
     c = ConfigDict()
     c.model = "tiny"  # a preset of ernie_jax.presets
-    c.model_overrides = ConfigDict({"max_position_embeddings": 2048})  # ErnieConfig fields
+    # ErnieConfig fields; one MTP depth (trained by loss.mtp_coef) drafts for speculative decoding of the samples
+    c.model_overrides = ConfigDict({"max_position_embeddings": 2048, "num_nextn_predict_layers": 1})
     c.mesh = ConfigDict({"data": 1, "fsdp": -1, "expert": 1, "tensor": 1, "pipeline": 1, "rules": "fsdp"})
     c.optimizer = ConfigDict({"peak_lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 30, "decay_fraction": 0.25,
                               "weight_decay": 0.1, "clip_norm": 1.0})

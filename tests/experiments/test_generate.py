@@ -1,0 +1,188 @@
+"""experiments/generate.py: what the CLI prints behind each prompt is `ernie_jax.generate`'s continuation on
+the same weights: a 2-step run of the tiny config (raw and EMA weights, text and id prompts, one run through
+the real command line) and a transformers directory (greedy, sampled, speculative); bad flags are usage
+errors that name the flag."""
+
+import contextlib
+import importlib.util
+import io
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+from absl import app, flags
+
+import ernie_jax
+from ernie_jax.data import make_pipeline
+from ernie_jax.data.tokenizer import SentencePieceTokenizer
+from ernie_jax.sharding import make_mesh, resolve_rules
+from ernie_jax.train.loop import train
+from ernie_jax.train.step import merge_model, split_model
+from experiments import generate as cli
+from experiments.train import build
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIG_FILE = os.path.join(ROOT, "experiments", "configs", "tiny.py")
+FLAGS = flags.FLAGS
+
+
+def _config():
+    spec = importlib.util.spec_from_file_location("_config_file", CONFIG_FILE)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config()
+    c.update({"total_steps": 2, "checkpoint_every_steps": 2, "log_every_steps": 1, "peak_tflops": 1.0})
+    c.optimizer.warmup_steps = 1
+    c.loss.ema_window = 2.0  # the EMA differs from the raw weights after 2 steps; the file's state layout
+    c.data.seq_len, c.data.global_batch_size = 32, 8
+    return c
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A 2-step tiny run (MTP block included): (workdir, train config, data config, raw model, EMA model)."""
+    workdir = tmp_path_factory.mktemp("run")
+    train_cfg, data_cfg, _ = build(_config())
+    out = train(train_cfg, str(workdir), make_pipeline(data_cfg), progress=False)
+    assert out["step"] == 2 and out["model"].config.num_nextn_predict_layers == 1
+    graphdef, p, b = split_model(jax.eval_shape(lambda: out["model"]))
+    ema = jax.tree.map(lambda e, x: e.astype(x.dtype), out["state"].ema, out["state"].params)
+    return workdir, train_cfg, data_cfg, out["model"], merge_model(graphdef, p, b, ema, out["state"].buffers)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A transformers directory of a tiny MoE with an MTP block (its config.json keeps the MTP depth)."""
+    d = tmp_path_factory.mktemp("hf")
+    model = ernie_jax.create_model(ernie_jax.get_preset("tiny-moe-test", num_nextn_predict_layers=1), seed=3)
+    ernie_jax.save_pretrained(model, d)
+    return d, ernie_jax.from_pretrained(d)
+
+
+def _cli(**values) -> str:
+    """main() with these flag values (lists: a repeated flag) -> stdout. The values are set flag by flag, not
+    through a command line, so that required flags of other CLIs imported into this process do not apply."""
+    FLAGS.unparse_flags()
+    try:
+        for name, value in values.items():
+            for v in value if isinstance(value, list) else [value]:
+                FLAGS[name].parse(str(v))
+        FLAGS.mark_as_parsed()
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            cli.main(["generate"])
+        return buf.getvalue()
+    finally:
+        FLAGS.unparse_flags()
+
+
+def _expected(tok, prompts, outs) -> str:
+    """The lines the CLI prints: each prompt's text, then its continuation (eos left out)."""
+    lines = []
+    for i, (p, o) in enumerate(zip(prompts, outs)):
+        o = o[:-1] if o and o[-1] == tok.eos_id else o
+        before, after = tok.decode(p), tok.decode(p + o)
+        assert after.startswith(before)
+        lines.append(f"[{i}] {before}{after[len(before):]}\n")
+    return "".join(lines)
+
+
+PROMPTS = ["12+34=", "reverse abc ="]
+
+
+def _text_prompts(tok):
+    return [[tok.bos_id] + tok.encode(p).tolist() for p in PROMPTS]
+
+
+@pytest.mark.parametrize("weights", ["raw", "ema"])
+def test_workdir_text_prompts_equal_generate(run, weights):
+    workdir, train_cfg, data_cfg, raw, ema = run
+    tok = SentencePieceTokenizer(data_cfg.tokenizer)
+    mesh, rules = make_mesh(train_cfg.mesh), resolve_rules(train_cfg.mesh)
+    prompts = _text_prompts(tok)
+    kw = {} if weights == "raw" else {"weights": "ema"}
+    got = _cli(workdir=workdir, config=CONFIG_FILE, prompt=PROMPTS, max_new_tokens=12, **kw)
+    want = ernie_jax.generate(raw if weights == "raw" else ema, prompts, max_new_tokens=12,
+                              eos_token_id=tok.eos_id, mesh=mesh, rules=rules)
+    assert got.startswith(f"step 2 of {workdir} ({weights} weights)\n")
+    assert _expected(tok, prompts, want) in got
+    assert "2 prompt(s)," in got and "tokens/s" in got and "acceptance rate" not in got
+
+
+def test_workdir_command_line_speculative_sampled(run):
+    """The real command line (flag parsing, --workdir not required beside --hf_dir); MTP drafts with sampling
+    draw the same tokens as `generate(..., speculative="mtp")`; prompt ids are decoded with the run's
+    tokenizer."""
+    workdir, train_cfg, data_cfg, raw, _ = run
+    tok = SentencePieceTokenizer(data_cfg.tokenizer)
+    prompts = _text_prompts(tok)
+    cmd = [sys.executable, "-m", "experiments.generate", f"--workdir={workdir}", f"--config={CONFIG_FILE}",
+           "--max_new_tokens=10", "--temperature=0.9", "--top_k=20", "--seed=5", "--speculative=mtp"]
+    cmd += [f"--prompt_ids={','.join(map(str, p))}" for p in prompts]
+    r = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True,
+                       timeout=300)  # the same 8 emulated devices as this process (XLA_FLAGS from conftest)
+    assert r.returncode == 0, r.stderr[-3000:]
+    want = ernie_jax.generate(raw, prompts, max_new_tokens=10, temperature=0.9, top_k=20, seed=5,
+                              eos_token_id=tok.eos_id, speculative="mtp", mesh=make_mesh(train_cfg.mesh),
+                              rules=resolve_rules(train_cfg.mesh))
+    assert _expected(tok, prompts, want) in r.stdout
+    assert "speculative decoding (MTP drafts): acceptance rate" in r.stdout and "tokens per forward" in r.stdout
+
+
+@pytest.mark.parametrize("speculative", [None, "mtp"])
+def test_hf_dir_prompt_ids_equal_generate(hf_dir, speculative):
+    d, model = hf_dir
+    assert model.config.num_nextn_predict_layers == 1
+    prompts = [[5, 17, 3], [9, 9, 40, 2, 7, 1]]
+    kw = {"speculative": speculative} if speculative else {}
+    got = _cli(hf_dir=d, prompt_ids=[",".join(map(str, p)) for p in prompts], max_new_tokens=9, temperature=0.7,
+               seed=11, **kw)
+    want = ernie_jax.generate(model, prompts, max_new_tokens=9, temperature=0.7, seed=11, speculative=speculative)
+    for i, (p, o) in enumerate(zip(prompts, want)):
+        assert f"[{i}] {p} ->{''.join(f' {t}' for t in o)}\n" in got
+    assert ("acceptance rate" in got) == bool(speculative)
+
+
+def test_hf_dir_text_prompt_with_tokenizer(hf_dir, run):
+    d, model = hf_dir
+    tok = SentencePieceTokenizer(run[2].tokenizer)  # 512 pieces: tiny-test's vocabulary (128) is smaller
+    got = _cli(hf_dir=d, tokenizer=run[2].tokenizer, prompt="the", max_new_tokens=4)
+    prompt = [tok.bos_id] + tok.encode("the").tolist()
+    assert max(prompt) < 128
+    assert _expected(tok, [prompt], ernie_jax.generate(model, [prompt], max_new_tokens=4)) in got
+
+
+@pytest.mark.parametrize("values, match", [
+    ({"prompt_ids": "1,2"}, "exactly one of --workdir .* or --hf_dir"),
+    ({"workdir": "/x", "hf_dir": "/y", "prompt_ids": "1,2"}, "exactly one of --workdir"),
+    ({"hf_dir": "HF"}, "--prompt .* or --prompt_ids"),
+    ({"hf_dir": "HF", "prompt": "a", "prompt_ids": "1"}, "one of the two"),
+    ({"hf_dir": "HF", "prompt": "12+3="}, "--prompt with --hf_dir needs --tokenizer"),
+    ({"hf_dir": "HF", "prompt_ids": "1,x"}, "--prompt_ids='1,x': expected comma-separated integers"),
+    ({"hf_dir": "HF", "prompt_ids": "1,-2"}, "token ids must be >= 0"),
+    ({"hf_dir": "HF", "prompt_ids": "1", "weights": "ema"}, "--weights describes a training run"),
+    ({"hf_dir": "HF", "prompt_ids": "1", "max_new_tokens": 0}, "--max_new_tokens must be >= 1, got 0"),
+    ({"hf_dir": "HF", "prompt_ids": "1", "temperature": -1}, "--temperature must be a finite number >= 0"),
+    ({"hf_dir": "HF", "prompt_ids": "1", "top_p": 0}, "--top_p must be in"),
+    ({"hf_dir": "HF", "prompt_ids": "1", "tokenizer": "/nope.model"}, "--tokenizer='/nope.model': no such file"),
+    ({"hf_dir": "/nope", "prompt_ids": "1"}, "--hf_dir='/nope': no config.json"),
+    ({"hf_dir": "HF", "prompt_ids": "1,200"}, r"--prompt_ids #0: .*token id 200 .*vocab_size=128"),
+    ({"hf_dir": "HF", "prompt_ids": "1", "max_new_tokens": 256}, "exceeds max_position_embeddings=256"),
+])
+def test_bad_flags_are_usage_errors(hf_dir, values, match):
+    values = {k: str(hf_dir[0]) if v == "HF" else v for k, v in values.items()}
+    with pytest.raises(app.UsageError, match=match):
+        _cli(**values)
+
+
+def test_workdir_errors(tmp_path, hf_dir):
+    with pytest.raises(app.UsageError, match="no checkpoints in"):
+        _cli(workdir=tmp_path, config=CONFIG_FILE, prompt="a")
+    with pytest.raises(app.UsageError, match="--config describes a training run"):
+        _cli(hf_dir=hf_dir[0], config=CONFIG_FILE, prompt_ids="1")
+    with pytest.raises(app.UsageError, match="speculative='mtp' needs a model with MTP weights"):
+        d = tmp_path / "plain"
+        ernie_jax.save_pretrained(ernie_jax.create_model(ernie_jax.get_preset("tiny-test"), seed=0), d)
+        _cli(hf_dir=d, prompt_ids="1,2", speculative="mtp")
