@@ -65,18 +65,26 @@ def filter_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, t
     return jnp.where(x >= cutoff, x, _NEG)
 
 
+def _unless_all_greedy(temperature: jax.Array, greedy: jax.Array, sampled) -> jax.Array:
+    """`sampled()` where temperature > 0, `greedy` elsewhere; a batch of greedy rows skips the vocabulary sort
+    of `filter_logits` altogether."""
+    hot = (temperature > 0).reshape((-1,) + (1,) * (greedy.ndim - 1))
+    return jax.lax.cond(jnp.any(temperature > 0), lambda: jnp.where(hot, sampled(), greedy), lambda: greedy)
+
+
 def distribution(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
     """The distribution [B, V] fp32 a row samples from: one-hot of the argmax for greedy rows."""
     greedy = jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
-    sampled = jax.nn.softmax(filter_logits(logits, temperature, top_k, top_p), axis=-1)
-    return jnp.where((temperature > 0)[:, None], sampled, greedy)
+    return _unless_all_greedy(temperature, greedy, lambda: jax.nn.softmax(
+        filter_logits(logits, temperature, top_k, top_p), axis=-1))
 
 
 def sample(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array,
            keys: jax.Array) -> jax.Array:
     """logits [B, V], per-row parameters [B] and keys [B] -> tokens [B] int32 (argmax where temperature is 0)."""
-    drawn = jax.vmap(jax.random.categorical)(keys, filter_logits(logits, temperature, top_k, top_p))
-    return jnp.where(temperature > 0, drawn, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return _unless_all_greedy(temperature, greedy, lambda: jax.vmap(jax.random.categorical)(
+        keys, filter_logits(logits, temperature, top_k, top_p)).astype(jnp.int32))
 
 
 def sample_from(probs: jax.Array, keys: jax.Array) -> jax.Array:
