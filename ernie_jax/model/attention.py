@@ -217,26 +217,36 @@ class LayerCache:
     index: [B] int32, the number of positions already in each row's cache: the S new tokens of row b are
       written at index[b] .. index[b] + S - 1 and query i sees keys 0 .. index[b] + i. Rows move independently
       (continuous batching, speculative rollback): entries past a row's index are stale and never seen.
+    layer: None, or a layer index when k / v are a whole scanned stack's [L, B, Hkv, T, D] (carried through
+      the layer scan: the new tokens are scattered into the stack's buffer in place and the layer reads its
+      slice, instead of the scan slicing the stack into inputs and stacking a copy of it as outputs).
     """
 
     k: jax.Array | None = None
     v: jax.Array | None = None
     index: jax.Array | None = None
+    layer: jax.Array | None = None
 
     def append(self, k: jax.Array, v: jax.Array) -> "LayerCache":
         """Writes new keys / values k, v [B, S, Hkv, D] at each row's index (the index does not move)."""
-        put = jax.vmap(lambda c, n, i: jax.lax.dynamic_update_slice_in_dim(c, n, i, axis=1))
-        new_k = put(self.k, k.transpose(0, 2, 1, 3).astype(self.k.dtype), self.index)
-        new_v = put(self.v, v.transpose(0, 2, 1, 3).astype(self.v.dtype), self.index)
-        names = ("act_batch", "act_kv_heads", None, "act_head_dim")
-        return self.replace(k=shard(new_k, names), v=shard(new_v, names))
+        b, s = k.shape[:2]
+        rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, s))
+        pos = self.index[:, None] + jnp.arange(s)[None, :]  # [B, S]
+        at = (rows, slice(None), pos) if self.layer is None else (self.layer, rows, slice(None), pos)
+        return self.replace(k=self.k.at[at].set(k.astype(self.k.dtype)), v=self.v.at[at].set(v.astype(self.v.dtype)))
 
     def attend(self, q: jax.Array, scale: float) -> jax.Array:
         """q [B, S, Hq, D] (the tokens just appended) over the cache -> [B, S, Hq, D]."""
-        s, t = q.shape[1], self.k.shape[2]
+        k, v = self.k, self.v
+        if self.layer is not None:
+            k = jax.lax.dynamic_index_in_dim(k, self.layer, 0, keepdims=False)
+            v = jax.lax.dynamic_index_in_dim(v, self.layer, 0, keepdims=False)
+        names = ("act_batch", "act_kv_heads", None, "act_head_dim")
+        k, v = shard(k, names), shard(v, names)
+        s, t = q.shape[1], k.shape[2]
         last = self.index[:, None] + jnp.arange(s)[None, :]  # [B, S]: the last key each query sees
         allowed = jnp.arange(t)[None, None, None, :] <= last[:, None, :, None]
-        return _grouped_attention(q, self.k, self.v, allowed, scale, never_empty=True)
+        return _grouped_attention(q, k, v, allowed, scale, never_empty=True)
 
 
 _IMPLS = {"xla": _xla_attention, "jax_nn": _jax_nn_attention, "flashmask": _flashmask_attention}

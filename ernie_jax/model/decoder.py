@@ -83,17 +83,23 @@ class LayerStack(nnx.Module):
         """-> (x, MoEStats with a leading [n] layer axis, or None for dense stacks), plus the stack's cache
         (k / v with a leading [n] layer axis, one index for all layers) when `cache` is given."""
         graphdef, state = nnx.split(self.layers)
-        if cache is not None:
-            def cached_body(h, xs):
-                layer_state, k, v = xs
-                h, stats, lc = nnx.merge(graphdef, layer_state)(h, angles, mask, token_mask, modality,
-                                                                LayerCache(k, v, cache.index))
+        if cache is not None and cache.k is None:  # prefill: the layers hand back their fresh keys, stacked
+            def prefill_body(h, layer_state):
+                h, stats, lc = nnx.merge(graphdef, layer_state)(h, angles, mask, token_mask, modality, LayerCache())
                 return h, (stats, lc.k, lc.v)
 
-            if cache.k is None:  # prefill: the layers hand back their fresh keys, stacked by the scan
-                x, (stats, k, v) = jax.lax.scan(lambda h, st: cached_body(h, (st, None, None)), x, state)
-            else:
-                x, (stats, k, v) = jax.lax.scan(cached_body, x, (state, cache.k, cache.v))
+            x, (stats, k, v) = jax.lax.scan(prefill_body, x, state)
+            return x, stats, cache.replace(k=k, v=v)
+        if cache is not None:  # decode: the stack's cache rides in the carry, updated in place
+            def decode_body(carry, xs):
+                h, k, v = carry
+                layer_state, i = xs
+                h, stats, lc = nnx.merge(graphdef, layer_state)(h, angles, mask, token_mask, modality,
+                                                                LayerCache(k, v, cache.index, layer=i))
+                return (h, lc.k, lc.v), stats
+
+            (x, k, v), stats = jax.lax.scan(decode_body, (x, cache.k, cache.v),
+                                            (state, jnp.arange(self.num_layers)))
             return x, stats, cache.replace(k=k, v=v)
 
         def body(h, layer_state):
