@@ -58,14 +58,15 @@ def prefill(model, ids: jax.Array, lengths: jax.Array, mm: dict[str, Any] | None
                 angles=angles, delta=delta)
 
 
-def decode(model, ids: jax.Array, index: jax.Array, delta: jax.Array,
-           cache: KVCache) -> tuple[jax.Array, jax.Array, KVCache]:
+def decode(model, ids: jax.Array, index: jax.Array, delta: jax.Array, cache: KVCache,
+           layer_states: tuple | None = None) -> tuple[jax.Array, jax.Array, KVCache]:
     """ids [B, S] new tokens at cache positions index[b] .. index[b] + S - 1 -> (fp32 logits [B, S, V],
-    hidden [B, S, H] before the final norm, the cache with their keys written). The index does not move."""
+    hidden [B, S, H] before the final norm, the cache with their keys written). The index does not move.
+    layer_states: the decoder's layers unstacked (`Decoder.unstack_layers`), or None (scanned)."""
     s = ids.shape[1]
     angles = _angles(model, index[:, None] + delta[:, None] + jnp.arange(s, dtype=jnp.int32)[None, :])
     caches = tuple(LayerCache(k, v, index) for k, v in zip(cache.k, cache.v))
-    logits, hidden, caches = model.forward_cached(model._embed(ids), angles, caches)
+    logits, hidden, caches = model.forward_cached(model._embed(ids), angles, caches, layer_states=layer_states)
     return logits, hidden, cache.replace(k=tuple(lc.k for lc in caches), v=tuple(lc.v for lc in caches))
 
 

@@ -111,7 +111,7 @@ def _emit(slots: Slots, a: jax.Array, tok: jax.Array) -> tuple[jax.Array, jax.Ar
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "chunk"), donate_argnames=("cache", "slots"))
-def _decode_chunk(graphdef, state, cache: KVCache, slots: Slots, stop, *, chunk: int):
+def _decode_chunk(graphdef, state, cache: KVCache, slots: Slots, stop, layers, *, chunk: int):
     """Up to `chunk` plain decode steps of every active slot -> (cache, slots, tokens [B, chunk, 1], -1 = none)."""
     model = nnx.merge(graphdef, state)
     slots = slots.replace(active=slots.active & ~stop)
@@ -119,7 +119,7 @@ def _decode_chunk(graphdef, state, cache: KVCache, slots: Slots, stop, *, chunk:
 
     def body(carry):
         i, cache, s, out = carry
-        logits, _, cache = fwd.decode(model, s.token[:, None], s.index, s.delta, cache)
+        logits, _, cache = fwd.decode(model, s.token[:, None], s.index, s.delta, cache, layers)
         nxt = sample(logits[:, 0], *s.params(), _sub(row_keys(s.seed, s.count), 0))
         a = s.active
         col, count, active = _emit(s, a, nxt)
@@ -133,7 +133,7 @@ def _decode_chunk(graphdef, state, cache: KVCache, slots: Slots, stop, *, chunk:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "chunk"), donate_argnames=("cache", "slots"))
-def _speculative_chunk(graphdef, state, cache: KVCache, slots: Slots, stop, *, chunk: int):
+def _speculative_chunk(graphdef, state, cache: KVCache, slots: Slots, stop, layers, *, chunk: int):
     """Up to `chunk` MTP speculative steps (`speculative` module doc) -> (cache, slots, tokens [B, chunk, 2])."""
     model = nnx.merge(graphdef, state)
     slots = slots.replace(active=slots.active & ~stop)
@@ -141,7 +141,8 @@ def _speculative_chunk(graphdef, state, cache: KVCache, slots: Slots, stop, *, c
 
     def body(carry):
         i, cache, s, out = carry
-        logits, hidden, cache = fwd.decode(model, jnp.stack([s.token, s.draft], 1), s.index, s.delta, cache)
+        logits, hidden, cache = fwd.decode(model, jnp.stack([s.token, s.draft], 1), s.index, s.delta, cache,
+                                           layers)
         keys = row_keys(s.seed, s.count)
         accepted, first = accept_draft(distribution(logits[:, 0], *s.params()), s.draft_probs, s.draft,
                                        _sub(keys, 0), _sub(keys, 1))
@@ -199,11 +200,14 @@ class Engine:
         for rid, new_tokens, finished in engine.stream(): ...   # or: outputs = engine.run()
 
     `speculative="mtp"` drafts with the model's first MTP depth (`speculative` module). `mesh` / `rules`: run
-    under `ernie_jax.sharding.activate(mesh, rules)` (cache sharded like the activations).
+    under `ernie_jax.sharding.activate(mesh, rules)` (cache sharded like the activations). `unstack_layers`
+    (default: on the CPU backend): decode on a copy of the decoder's weights split per layer, unrolled, as
+    MaxText decodes with `scan_layers=False` (`LayerStack`); it costs the decoder's weights once more in memory.
     """
 
     def __init__(self, model: nnx.Module, *, max_slots: int = 8, max_len: int | None = None,
-                 speculative: str | None = None, chunk: int = 8, mesh=None, rules=None):
+                 speculative: str | None = None, chunk: int = 8, mesh=None, rules=None,
+                 unstack_layers: bool | None = None):
         c = model.config
         if speculative not in SPECULATIVE:
             raise ValueError(f"speculative must be one of {SPECULATIVE}, got {speculative!r}")
@@ -220,6 +224,9 @@ class Engine:
         self.max_slots, self.max_len, self.chunk, self.spec = max_slots, max_len, chunk, speculative == "mtp"
         self._ctx = (lambda: activate(mesh, rules or "dp")) if mesh is not None else contextlib.nullcontext
         self._graphdef, self._state = nnx.split(model)
+        if unstack_layers is None:
+            unstack_layers = jax.default_backend() == "cpu"
+        self._layers = model.decoder.unstack_layers() if unstack_layers else None
         with self._ctx():
             self._cache, self._slots = _init(c, max_slots, max_len, self.spec, c.vocab_size)
         self._owner: list[Request | None] = [None] * max_slots
@@ -321,7 +328,7 @@ class Engine:
         t0 = time.perf_counter()
         with self._ctx():
             self._cache, self._slots, out = fn(self._graphdef, self._state, self._cache, self._slots,
-                                               jnp.asarray(stop), chunk=self.chunk)
+                                               jnp.asarray(stop), self._layers, chunk=self.chunk)
             out = np.asarray(out).reshape(self.max_slots, -1)
             forwards, accepted = np.asarray(self._slots.forwards), np.asarray(self._slots.accepted)
         self.stats["decode_s"] += time.perf_counter() - t0

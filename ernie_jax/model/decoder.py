@@ -79,9 +79,13 @@ class LayerStack(nnx.Module):
 
     def __call__(self, x: jax.Array, angles: jax.Array, mask: AttentionMask,
                  token_mask: jax.Array | None = None, modality: jax.Array | None = None,
-                 cache: LayerCache | None = None) -> tuple:
+                 cache: LayerCache | None = None, layer_states: tuple | None = None) -> tuple:
         """-> (x, MoEStats with a leading [n] layer axis, or None for dense stacks), plus the stack's cache
-        (k / v with a leading [n] layer axis, one index for all layers) when `cache` is given."""
+        (k / v with a leading [n] layer axis, one index for all layers) when `cache` is given.
+
+        layer_states (decode only): the n layers' variables as separate arrays (`unstack_layers`, made once
+        outside the compiled step): the layers then run unrolled on them, where the scan would copy every
+        layer's weights out of the stack at every step (memory traffic that dominates a decode step on CPU)."""
         graphdef, state = nnx.split(self.layers)
         if cache is not None and cache.k is None:  # prefill: the layers hand back their fresh keys, stacked
             def prefill_body(h, layer_state):
@@ -89,6 +93,16 @@ class LayerStack(nnx.Module):
                 return h, (stats, lc.k, lc.v)
 
             x, (stats, k, v) = jax.lax.scan(prefill_body, x, state)
+            return x, stats, cache.replace(k=k, v=v)
+        if cache is not None and layer_states is not None:
+            k, v = cache.k, cache.v
+            stats = []
+            for i, layer_state in enumerate(layer_states):
+                x, st, lc = nnx.merge(graphdef, layer_state)(x, angles, mask, token_mask, modality,
+                                                             LayerCache(k, v, cache.index, layer=i))
+                k, v = lc.k, lc.v
+                stats.append(st)
+            stats = jax.tree.map(lambda *a: jnp.stack(a), *stats) if stats[0] is not None else None
             return x, stats, cache.replace(k=k, v=v)
         if cache is not None:  # decode: the stack's cache rides in the carry, updated in place
             def decode_body(carry, xs):
@@ -127,17 +141,24 @@ class Decoder(nnx.Module):
     def __init__(self, config: ErnieConfig, *, rngs: nnx.Rngs):
         self.stacks = nnx.List([LayerStack(config, kind, n, rngs=rngs) for kind, n in layer_segments(config)])
 
+    def unstack_layers(self) -> tuple:
+        """Per stack, a tuple of its layers' variables sliced out of the stack (copies, made once): the
+        `layer_states` of an unrolled decode step."""
+        return tuple(tuple(jax.tree.map(lambda a: a[i], nnx.state(stack.layers)) for i in range(stack.num_layers))
+                     for stack in self.stacks)
+
     def __call__(self, x: jax.Array, angles: jax.Array, mask: AttentionMask,
                  token_mask: jax.Array | None = None, modality: jax.Array | None = None,
-                 caches: tuple[LayerCache, ...] | None = None) -> tuple:
+                 caches: tuple[LayerCache, ...] | None = None, layer_states: tuple | None = None) -> tuple:
         """-> (x, MoEStats stacked over all MoE layers in depth order, or None), plus the stacks' caches
-        (one `LayerCache` per stack) when `caches` are given."""
+        (one `LayerCache` per stack) when `caches` are given. layer_states: per stack, see `LayerStack`."""
         stats, new_caches = [], []
         for i, stack in enumerate(self.stacks):
             if caches is None:
                 x, st = stack(x, angles, mask, token_mask, modality)
             else:
-                x, st, c = stack(x, angles, mask, token_mask, modality, caches[i])
+                x, st, c = stack(x, angles, mask, token_mask, modality, caches[i],
+                                 None if layer_states is None else layer_states[i])
                 new_caches.append(c)
             if st is not None:
                 stats.append(st)

@@ -96,14 +96,16 @@ class ErnieForCausalLM(nnx.Module):
         return CausalLMOutput(logits=self._head(h), hidden_states=h, moe_stats=moe_stats, mtp_logits=mtp_logits)
 
     def forward_cached(self, x: jax.Array, angles: jax.Array, caches: tuple[LayerCache, ...], *,
-                       modality: jax.Array | None = None) -> tuple[jax.Array, jax.Array, tuple[LayerCache, ...]]:
+                       modality: jax.Array | None = None,
+                       layer_states: tuple | None = None) -> tuple[jax.Array, jax.Array, tuple[LayerCache, ...]]:
         """Inference: input embeddings x [B, S, H] and RoPE angles [B, S, D/2] through the decoder with one
         `LayerCache` per stack (prefill: `k` None; decode: the new tokens appended at each row's index) ->
         (fp32 logits [B, S, V], hidden states [B, S, H] before the final norm (the MTP input), caches).
         Prefill is causal over the S tokens; rows may be right-padded (padding is never attended by a real
-        token). modality [B, S]: VL routing type ids (None: text)."""
+        token). modality [B, S]: VL routing type ids (None: text). layer_states: decode on unstacked layer
+        weights (`Decoder.unstack_layers`)."""
         x = shard(x, ("act_batch", "act_length", "act_embed"))
-        x, _, caches = self.decoder(x, angles, AttentionMask(causal=True), None, modality, caches)
+        x, _, caches = self.decoder(x, angles, AttentionMask(causal=True), None, modality, caches, layer_states)
         return self._head(self.final_norm(x)), x, caches
 
     def mtp_cached(self, depth: int, ids: jax.Array, h: jax.Array, angles: jax.Array,
