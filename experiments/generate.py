@@ -88,52 +88,16 @@ def _check_flags():
 
 
 def load_run(config, workdir: str, *, ema: bool):
-    """(model, mesh, rules, data config, step) of the newest loadable checkpoint of a training run.
-
-    The restore target is abstract (shapes and the shardings `train()` gives the state on the config's mesh),
-    as in `experiments.export_hf`; the EMA is cast to the parameters' dtypes."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from ernie_jax.checkpoint.orbax import Checkpointer
-    from ernie_jax.model import abstract_model
-    from ernie_jax.sharding import make_mesh, param_shardings, resolve_rules
-    from ernie_jax.train.optimizer import make_optimizer
-    from ernie_jax.train.step import TrainState, merge_model, split_model, state_shardings
+    """(model, mesh, rules, data config, step) of the newest loadable checkpoint of a training run."""
+    from ernie_jax.sharding import make_mesh, resolve_rules
+    from ernie_jax.train.restore import RestoreError, restore_model
 
     train_cfg, data_cfg, _ = build(config)
-    mesh, rules = make_mesh(train_cfg.mesh), resolve_rules(train_cfg.mesh)
-    has_ema = train_cfg.loss.ema > 0
-    if ema and not has_ema:
-        raise app.UsageError("--weights=ema: this run keeps no EMA (its config.loss has no ema_decay / ema_window)")
-    graphdef, p_state, b_state = split_model(abstract_model(train_cfg.model))
-    shard = nnx.to_pure_dict(param_shardings(p_state, mesh, rules))
-    params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                          nnx.to_pure_dict(p_state), shard)
-    buffers = nnx.to_pure_dict(b_state)
-    tx, _ = make_optimizer(train_cfg.optimizer, train_cfg.total_steps)
-    shapes = jax.eval_shape(lambda p, b: TrainState(
-        step=jnp.zeros((), jnp.int32), params=p, buffers=b, opt_state=tx.init(p),
-        ema=jax.tree.map(lambda x: x.astype(jnp.float32), p) if has_ema else None,
-        nonfinite_run=jnp.zeros((), jnp.int32), nonfinite_total=jnp.zeros((), jnp.int32)), params, buffers)
-    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
-                          state_shardings(shapes, params, mesh))
-    directory = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(directory):
-        raise app.UsageError(f"--workdir={workdir!r}: no checkpoints in {directory}")
-    ckpt = Checkpointer(directory, async_save=False)
     try:
-        restored = ckpt.restore(target, with_data=False)
-    finally:
-        ckpt.close()
-    if restored is None:
-        raise app.UsageError(f"--workdir={workdir!r}: no checkpoint in {directory} restores into the train state "
-                             f"of --config (see the warnings above): is it the run's config, with its overrides?")
-    step, state, _ = restored
-    weights = jax.tree.map(lambda e, p: e.astype(p.dtype), state.ema, state.params) if ema else state.params
-    model = merge_model(graphdef, p_state, b_state, weights, state.buffers)
-    return model, mesh, rules, data_cfg, step
+        model, step = restore_model(train_cfg, workdir, ema=ema)
+    except RestoreError as e:
+        raise app.UsageError(f"--workdir={workdir!r}{' --weights=ema' if ema else ''}: {e}") from None
+    return model, make_mesh(train_cfg.mesh), resolve_rules(train_cfg.mesh), data_cfg, step
 
 
 class _Printer:

@@ -15,7 +15,8 @@ import ernie_jax
 from ernie_jax.data import make_pipeline
 from ernie_jax.data.synthetic import default_data_config
 from ernie_jax.train.loop import train
-from experiments.export_hf import export, model_from_state
+from ernie_jax.train.restore import model_from_state
+from experiments.export_hf import export
 from experiments.train import build
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
