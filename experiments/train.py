@@ -87,6 +87,7 @@ def build(config: ConfigDict):
         data.pop("sources", None)
         data_cfg = synthetic.default_data_config("train", **data)
         heldout = synthetic.default_data_config("heldout", **data)
+    check_data_fits_model(model, data_cfg)
     top = {k: c[k] for k in ("total_steps", "micro_batches", "seed", "log_every_steps", "checkpoint_every_steps",
                              "keep_checkpoints", "async_checkpoints", "max_nonfinite", "peak_tflops", "init_from")
            if k in c}
@@ -100,6 +101,31 @@ def build(config: ConfigDict):
               "samples": c.get("samples", 0), "heldout": heldout, "kind": kind,
               "export_hf": bool(c.get("export_hf", False))}
     return train_cfg, data_cfg, extras
+
+
+def check_data_fits_model(model, data_cfg) -> None:
+    """Refuses at start a model that cannot take its data (such a run would train into NaNs or index past its
+    tables): token ids past the model's vocabulary (naming the tokenizer), rows longer than its positions,
+    and VL special token ids that differ between the model and the data."""
+    from ernie_jax.data.tokenizer import SentencePieceTokenizer
+
+    pieces = SentencePieceTokenizer(data_cfg.tokenizer).vocab_size if data_cfg.tokenizer else None
+    vocab = data_cfg.vocab_size or pieces
+    source = f"the tokenizer {data_cfg.tokenizer} has {pieces} pieces" if pieces else f"data vocab_size={vocab}"
+    if vocab is not None and vocab > model.vocab_size:
+        raise app.UsageError(f"the data's token ids reach {vocab - 1} ({source}) but the model's vocab_size is "
+                             f"{model.vocab_size}: use a model with vocab_size >= {vocab} "
+                             "(config.model_overrides.vocab_size) or a smaller tokenizer")
+    if data_cfg.pad_id >= model.vocab_size:
+        raise app.UsageError(f"config.data.pad_id={data_cfg.pad_id} is outside the model's vocab_size "
+                             f"{model.vocab_size}")
+    if data_cfg.seq_len > model.max_position_embeddings:
+        raise app.UsageError(f"config.data.seq_len={data_cfg.seq_len} exceeds the model's max_position_embeddings="
+                             f"{model.max_position_embeddings}")
+    for name in ("image_token_id", "image_start_token_id", "image_end_token_id", "video_token_id",
+                 "video_start_token_id", "video_end_token_id"):
+        if hasattr(data_cfg, name) and getattr(data_cfg, name) != getattr(model, name):
+            raise app.UsageError(f"data {name}={getattr(data_cfg, name)} but the model's is {getattr(model, name)}")
 
 
 class _QuietLibraries(logging_std.Filter):

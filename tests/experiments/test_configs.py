@@ -101,3 +101,19 @@ def test_tiny_vl_stages(stage):
         trainable_mask((r"^no_such_module/",), nnx.to_pure_dict(params))
     with pytest.raises(ValueError, match="stage"):
         tiny_vl.get_config("pretrain")
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (dict(model="tiny-moe-test"), r"token ids reach 511 \(the tokenizer .*tokenizer.model has 512 pieces\) but the "
+                                  r"model's vocab_size is 128"),
+    (dict(model_overrides={"max_position_embeddings": 64}),
+     "seq_len=128 exceeds the model's max_position_embeddings=64"),
+])
+def test_a_model_that_cannot_take_its_data_is_refused_at_start(overrides, match):
+    """Before: `tiny.py` with `model=tiny-moe-test` (vocab 128, tokenizer 512) aborted after 5 NaN steps."""
+    from absl import app
+    c = _load(os.path.join(CONFIG_DIR, "tiny.py"))
+    for k, v in overrides.items():
+        c[k] = v if not isinstance(v, dict) else {**c[k].to_dict(), **v}
+    with pytest.raises(app.UsageError, match=match):
+        build(c)
