@@ -136,14 +136,13 @@ def test_engine_rejects_a_prompt_past_its_cache(model):
 
 
 def test_vl_prompts_share_the_engine_with_text_prompts():
-    """Two image prompts of different lengths and a text-only one decode side by side (VL prompts prefill
-    one by one, then decode with the others); each equals a full-recompute greedy oracle over the VL model."""
+    """An image prompt and a text-only one decode side by side (VL prompts prefill one by one, then decode
+    together); each equals a full-recompute greedy oracle over the VL model."""
     model = create_model(get_preset("tiny-vl-test", initializer_range=0.3), seed=2)
     tokens = SpecialTokens.from_config(model.config)
     rs = np.random.RandomState(0)
-    images = [Vision.from_image(rs.randint(0, 256, hw + (3,), dtype=np.uint8)) for hw in ((56, 84), (28, 56))]
-    prompts = [encode_prompt([[5, 6, 7], images[0], [8, 9]], tokens), encode_prompt([[10], images[1], [11]], tokens),
-               encode_prompt([[12, 13, 14, 15]], tokens)]
+    image = Vision.from_image(rs.randint(0, 256, (56, 84, 3), dtype=np.uint8))
+    prompts = [encode_prompt([[5, 6, 7], image, [8, 9]], tokens), encode_prompt([[12, 13, 14, 15]], tokens)]
     out = ernie_jax.generate(model, prompts, max_new_tokens=6, eos_token_id=None)
     g, st = nnx.split(model)
     fwd = jax.jit(lambda st, ids, mm: nnx.merge(g, st)(ids, **mm).logits)
