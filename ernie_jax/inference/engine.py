@@ -110,22 +110,16 @@ def _emit(slots: Slots, a: jax.Array, tok: jax.Array) -> tuple[jax.Array, jax.Ar
     return jnp.where(a, tok, -1), count, a & (tok != slots.eos) & (count < slots.max_new)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "chunk"), donate_argnames=("cache", "slots"))
-def _decode_chunk(graphdef, state, cache: KVCache, slots: Slots, stop, layers, *, chunk: int):
-    """Up to `chunk` plain decode steps of every active slot -> (cache, slots, tokens [B, chunk, 1], -1 = none)."""
-    model = nnx.merge(graphdef, state)
+def _chunk_loop(step, cache: KVCache, slots: Slots, stop, chunk: int, width: int):
+    """Up to `chunk` calls of `step(cache, slots) -> (cache, slots, tokens [B, width])` while any slot is active
+    (rows `stop` deactivated first) -> (cache, slots, tokens [B, chunk, width], -1 = none)."""
     slots = slots.replace(active=slots.active & ~stop)
-    out = jnp.full((slots.index.shape[0], chunk, 1), -1, jnp.int32)
+    out = jnp.full((slots.index.shape[0], chunk, width), -1, jnp.int32)
 
     def body(carry):
         i, cache, s, out = carry
-        logits, _, cache = fwd.decode(model, s.token[:, None], s.index, s.delta, cache, layers)
-        nxt = sample(logits[:, 0], *s.params(), _sub(row_keys(s.seed, s.count), 0))
-        a = s.active
-        col, count, active = _emit(s, a, nxt)
-        s = s.replace(index=s.index + a, token=jnp.where(a, nxt, s.token), count=count, active=active,
-                      forwards=s.forwards + a)
-        return i + 1, cache, s, out.at[:, i, 0].set(col)
+        cache, s, cols = step(cache, s)
+        return i + 1, cache, s, out.at[:, i].set(cols)
 
     _, cache, slots, out = jax.lax.while_loop(lambda c: (c[0] < chunk) & jnp.any(c[2].active), body,
                                               (0, cache, slots, out))
@@ -133,14 +127,28 @@ def _decode_chunk(graphdef, state, cache: KVCache, slots: Slots, stop, layers, *
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "chunk"), donate_argnames=("cache", "slots"))
+def _decode_chunk(graphdef, state, cache: KVCache, slots: Slots, stop, layers, *, chunk: int):
+    """Up to `chunk` plain decode steps of every active slot -> (cache, slots, tokens [B, chunk, 1])."""
+    model = nnx.merge(graphdef, state)
+
+    def step(cache, s):
+        logits, _, cache = fwd.decode(model, s.token[:, None], s.index, s.delta, cache, layers)
+        nxt = sample(logits[:, 0], *s.params(), _sub(row_keys(s.seed, s.count), 0))
+        a = s.active
+        col, count, active = _emit(s, a, nxt)
+        s = s.replace(index=s.index + a, token=jnp.where(a, nxt, s.token), count=count, active=active,
+                      forwards=s.forwards + a)
+        return cache, s, col[:, None]
+
+    return _chunk_loop(step, cache, slots, stop, chunk, 1)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "chunk"), donate_argnames=("cache", "slots"))
 def _speculative_chunk(graphdef, state, cache: KVCache, slots: Slots, stop, layers, *, chunk: int):
     """Up to `chunk` MTP speculative steps (`speculative` module doc) -> (cache, slots, tokens [B, chunk, 2])."""
     model = nnx.merge(graphdef, state)
-    slots = slots.replace(active=slots.active & ~stop)
-    out = jnp.full((slots.index.shape[0], chunk, 2), -1, jnp.int32)
 
-    def body(carry):
-        i, cache, s, out = carry
+    def step(cache, s):
         logits, hidden, cache = fwd.decode(model, jnp.stack([s.token, s.draft], 1), s.index, s.delta, cache,
                                            layers)
         keys = row_keys(s.seed, s.count)
@@ -158,11 +166,9 @@ def _speculative_chunk(graphdef, state, cache: KVCache, slots: Slots, stop, laye
         s = s.replace(index=s.index + jnp.where(a, 1 + accepted, 0), token=jnp.where(accepted, bonus, first),
                       count=count, active=active, forwards=s.forwards + a, accepted=s.accepted + (a & accepted),
                       draft=sample_from(q, _sub(keys, 3)), draft_probs=q)
-        return i + 1, cache, s, out.at[:, i, 0].set(col1).at[:, i, 1].set(col2)
+        return cache, s, jnp.stack([col1, col2], 1)
 
-    _, cache, slots, out = jax.lax.while_loop(lambda c: (c[0] < chunk) & jnp.any(c[2].active), body,
-                                              (0, cache, slots, out))
-    return cache, slots, out
+    return _chunk_loop(step, cache, slots, stop, chunk, 2)
 
 
 @dataclasses.dataclass
