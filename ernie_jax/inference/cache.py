@@ -29,14 +29,6 @@ class KVCache:
     mtp_k: tuple[jax.Array, ...] = ()  # per MTP depth [B, Hkv, T, D] (speculative decoding)
     mtp_v: tuple[jax.Array, ...] = ()
 
-    @property
-    def length(self) -> int:
-        return self.k[0].shape[3]
-
-    @property
-    def batch(self) -> int:
-        return self.k[0].shape[1]
-
 
 def init_cache(config: ErnieConfig, batch: int, length: int, *, mtp_depths: int = 0) -> KVCache:
     """Zeros for `batch` rows of `length` positions (call inside `jax.jit` under a mesh to get them sharded)."""
