@@ -66,13 +66,6 @@ def router_orthogonal_loss(kernel: jax.Array, eps: float = 1e-12) -> jax.Array:
     return jnp.sum(jnp.square(gram - jnp.eye(e)) / e**2)
 
 
-def expert_load(stats: MoEStats) -> dict[str, jax.Array]:
-    """For logging: slots per expert [L, E] and per layer the max / mean load (1 = perfectly balanced)."""
-    mean = jnp.maximum(jnp.mean(stats.usage, axis=-1), 1e-9)
-    return {"tokens_per_expert": stats.usage, "max_over_mean": jnp.max(stats.usage, axis=-1) / mean,
-            "min_over_mean": jnp.min(stats.usage, axis=-1) / mean}
-
-
 def mtp_loss(mtp_logits: jax.Array, mtp_targets: jax.Array, mask: jax.Array) -> jax.Array:
     """Mean over depths of the masked mean token cross-entropy.
 

@@ -12,6 +12,7 @@ import dataclasses
 import jax
 import optax
 
+from ernie_jax.model.balancing import is_router
 from ernie_jax.train.schedule import wsd_schedule
 
 
@@ -43,10 +44,6 @@ _NO_DECAY = {"scale", "bias", "bq", "bk", "bv", "bo", "bi_gate", "bi_up", "lm_he
              "bqkv", "b1", "b2", "proj_bias"}  # (the last four: ViT / adapter biases)
 
 
-def _is_router(path: str) -> bool:
-    return any(part.endswith("router") for part in path.split("/"))
-
-
 def trainable_mask(patterns: tuple[str, ...], params) -> object:
     """A tree of bools like params: True where the path matches one of the regexes (all True without any)."""
     import re  # noqa: PLC0415
@@ -70,7 +67,7 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> tuple[optax.Gradie
 
     def router_scale(params):
         return jax.tree_util.tree_map_with_path(
-            lambda p, _: cfg.router_lr_multiplier if _is_router(_path_str(p)) else 1.0, params)
+            lambda p, _: cfg.router_lr_multiplier if is_router(_path_str(p)) else 1.0, params)
 
     def scale_router_updates() -> optax.GradientTransformation:
         def update(updates, state, params=None):

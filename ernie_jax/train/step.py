@@ -19,7 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ernie_jax.losses import (moe_aux_loss, mtp_loss, router_orthogonal_loss, router_z_loss, token_balanced_loss,
                               token_cross_entropy)
-from ernie_jax.model.balancing import bias_update
+from ernie_jax.model.balancing import router_kernels, update_correction_biases
 from ernie_jax.model.mtp import mtp_inputs, mtp_targets
 from ernie_jax.train.ema import decay_from_window, ema_update
 
@@ -113,15 +113,6 @@ def merge_model(graphdef, abstract_params, abstract_buffers, params, buffers) ->
     return nnx.merge(graphdef, p, b)
 
 
-_ROUTERS = ("router", "vision_router")  # VL MoE layers have one per modality
-
-
-def _router_kernels(params) -> list[jax.Array]:
-    stacks = params["decoder"]["stacks"]
-    return [stacks[i]["layers"]["mlp"][r]["kernel"] for i in sorted(stacks) for r in _ROUTERS
-            if r in stacks[i]["layers"]["mlp"]]
-
-
 def make_train_step(model: nnx.Module, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     loss_cfg: LossConfig) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """step(state, batch) -> (state, metrics). batch: dict of [A, B, S] arrays (A micro-batches) with keys
@@ -148,7 +139,7 @@ def make_train_step(model: nnx.Module, tx: optax.GradientTransformation, schedul
             aux.update(aux_loss=moe_aux_loss(st), z_loss=router_z_loss(st), usage=st.usage)
             loss = loss + loss_cfg.aux_coef * aux["aux_loss"] + loss_cfg.z_coef * aux["z_loss"]
             if loss_cfg.orth_coef and loss_cfg.orth_in_loss:
-                loss = loss + loss_cfg.orth_coef * sum(router_orthogonal_loss(k) for k in _router_kernels(params))
+                loss = loss + loss_cfg.orth_coef * sum(router_orthogonal_loss(k) for k in router_kernels(params))
         if depth:
             tgt, msk = mtp_targets(mb["targets"], mb["loss_mask"], seg, depth)
             aux["mtp_loss"] = mtp_loss(out.mtp_logits, tgt, msk)
@@ -177,11 +168,11 @@ def make_train_step(model: nnx.Module, tx: optax.GradientTransformation, schedul
         params = optax.apply_updates(state.params, updates)
         lr = schedule(state.step)
         if loss_cfg.orth_coef and not loss_cfg.orth_in_loss and "usage" in aux:
-            orth_grads = jax.grad(lambda p: sum(router_orthogonal_loss(k) for k in _router_kernels(p)))(params)
+            orth_grads = jax.grad(lambda p: sum(router_orthogonal_loss(k) for k in router_kernels(p)))(params)
             params = jax.tree.map(lambda p, g: p - lr * loss_cfg.orth_coef * g.astype(p.dtype), params, orth_grads)
         buffers = state.buffers
         if loss_cfg.aux_free_coef and "usage" in aux:
-            buffers = _aux_free(buffers, jnp.sum(aux["usage"], axis=0), loss_cfg.aux_free_coef)
+            buffers = update_correction_biases(buffers, jnp.sum(aux["usage"], axis=0), loss_cfg.aux_free_coef)
         ema = state.ema if state.ema is None else ema_update(state.ema, params, loss_cfg.ema)
 
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
@@ -205,22 +196,3 @@ def make_train_step(model: nnx.Module, tx: optax.GradientTransformation, schedul
 
     return step
 
-
-def _aux_free(buffers, usage: jax.Array, coef: float):
-    """Applies the correction-bias update to every MoE stack, usage [L_moe, E] in depth order ([L_moe, 2, E]
-    for VL: text, vision pool)."""
-    stacks = buffers["decoder"]["stacks"]
-    new, start = {}, 0
-    for i in sorted(stacks):
-        layer = stacks[i]["layers"]
-        mlp = layer.get("mlp", {})
-        if "router" in mlp:
-            n = mlp["router"]["bias"].shape[0]
-            u = usage[start:start + n]
-            for pool, r in enumerate(x for x in _ROUTERS if x in mlp):
-                pool_usage = u[:, pool] if u.ndim == 3 else u
-                mlp = {**mlp, r: {**mlp[r], "bias": bias_update(mlp[r]["bias"], pool_usage, coef)}}
-            layer = {**layer, "mlp": mlp}
-            start += n
-        new[i] = {**stacks[i], "layers": layer}
-    return {**buffers, "decoder": {**buffers["decoder"], "stacks": new}}

@@ -1,10 +1,16 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from ernie_jax import get_preset
 from ernie_jax.model import create_model
-from ernie_jax.model.balancing import apply_aux_free_update, bias_update
+from ernie_jax.model.balancing import bias_update, is_router, router_kernels, update_correction_biases
+
+
+def _split(model):
+    graphdef, params, buffers = nnx.split(model, nnx.Param, ...)
+    return graphdef, params, buffers
 
 
 def test_bias_update_moves_toward_underused_experts():
@@ -12,23 +18,55 @@ def test_bias_update_moves_toward_underused_experts():
     np.testing.assert_allclose(np.asarray(b), [[-0.001, 0.001, 0.001, 0.001], [0, 0, 0, 0]])
 
 
-def test_apply_updates_each_moe_layer_and_changes_routing():
-    cfg = get_preset("tiny-moe-test", num_hidden_layers=4, moe_layer_start_index=1)  # layers 1..3 are MoE
+def test_update_maps_usage_rows_to_each_moe_stack_and_rebalances():
+    """Layers 1 and 3 are MoE (two one-layer MoE stacks between dense ones): usage row 0 belongs to stack 1,
+    row 1 to stack 3. A large step re-routes: every layer's most used expert loses load."""
+    cfg = get_preset("tiny-moe-test", num_hidden_layers=4, moe_layer_start_index=0, moe_layer_interval=2)
     model = create_model(cfg, seed=0)
     ids = jnp.asarray(np.random.RandomState(0).randint(0, 128, (4, 16)))
-    stats = model(ids).moe_stats
-    assert stats.usage.shape == (3, 8)
-    np.testing.assert_allclose(np.asarray(stats.usage.sum(-1)), 4 * 16 * 2)  # every slot counted once
-    apply_aux_free_update(model, stats, coef=0.5)
-    bias = np.asarray(model.decoder.stacks[1].layers.mlp.router.bias[...])
-    np.testing.assert_allclose(bias, 0.5 * np.sign(np.asarray(stats.usage).mean(-1, keepdims=True)
-                                                   - np.asarray(stats.usage)))
-    after = model(ids).moe_stats.usage
-    # a large step re-routes: the most used expert of every layer loses load
-    for layer in range(3):
-        top = int(np.argmax(np.asarray(stats.usage[layer])))
-        assert float(after[layer, top]) < float(stats.usage[layer, top])
-    with pytest.raises(ValueError, match="cover 2 MoE layers"):
-        apply_aux_free_update(model, type(stats)(*(a[:2] for a in (stats.topk_count, stats.prob_sum,
-                                                                  stats.num_tokens, stats.z_sum, stats.usage))),
-                              0.1)
+    usage = np.asarray(model(ids).moe_stats.usage)
+    assert usage.shape == (2, 8) and not np.array_equal(usage[0], usage[1])
+    np.testing.assert_allclose(usage.sum(-1), 4 * 16 * 2)  # every slot counted once
+    graphdef, params, buffers = _split(model)
+    new = update_correction_biases(nnx.to_pure_dict(buffers), jnp.asarray(usage), 0.5)
+    for stack, row in ((1, 0), (3, 1)):
+        want = 0.5 * np.sign(usage[row].mean() - usage[row])  # over-used experts go down, under-used up
+        np.testing.assert_allclose(np.asarray(new["decoder"]["stacks"][stack]["layers"]["mlp"]["router"]["bias"]),
+                                   want[None])
+    nnx.replace_by_pure_dict(buffers, new)
+    after = np.asarray(nnx.merge(graphdef, params, buffers)(ids).moe_stats.usage)
+    for layer in range(2):
+        top = int(np.argmax(usage[layer]))
+        assert after[layer, top] < usage[layer, top]
+
+
+def test_vl_pools_get_their_own_usage():
+    """A VL MoE layer has a text and a vision router; usage [L, 2, E] row pool 0 moves `router`, pool 1
+    `vision_router` (swapped pools would show: the two usages differ)."""
+    model = create_model(get_preset("tiny-vl-test"), seed=0)
+    buffers = nnx.to_pure_dict(_split(model)[2])
+    r = np.random.RandomState(1)
+    usage = r.randint(0, 20, (2, 2, 8)).astype(np.float32)  # layers 1, 2 are MoE
+    new = update_correction_biases(buffers, jnp.asarray(usage), 0.1)
+    mlp = new["decoder"]["stacks"][1]["layers"]["mlp"]
+    for pool, name in enumerate(("router", "vision_router")):
+        want = 0.1 * np.sign(usage[:, pool].mean(-1, keepdims=True) - usage[:, pool])
+        np.testing.assert_allclose(np.asarray(mlp[name]["bias"]), want)
+    with pytest.raises(ValueError, match=r"need \(2, 2\)"):
+        update_correction_biases(buffers, jnp.asarray(usage[:, 0]), 0.1)  # text-only usage for a VL model
+    kernels = router_kernels(nnx.to_pure_dict(_split(model)[1]))
+    assert [k.shape for k in kernels] == [(2, 32, 8), (2, 32, 8)]  # text and vision router of the MoE stack
+
+
+def test_wrong_layer_count_is_refused():
+    model = create_model(get_preset("tiny-moe-test"), seed=0)  # layers 1, 2 are MoE
+    buffers = nnx.to_pure_dict(_split(model)[2])
+    with pytest.raises(ValueError, match=r"usage has shape \(3, 8\).*need \(2,\)"):
+        update_correction_biases(buffers, jnp.zeros((3, 8)), 0.1)
+
+
+def test_is_router():
+    assert is_router("decoder/stacks/1/layers/mlp/router/kernel")
+    assert is_router("decoder/stacks/1/layers/mlp/vision_router/kernel")
+    assert not is_router("decoder/stacks/1/layers/mlp/experts/wo")
+    assert not is_router("decoder/stacks/0/layers/self_attn/wq")
