@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors
 from flax import nnx
 
 import ernie_jax
@@ -134,16 +135,23 @@ def test_correction_bias_changes_routing(hf_and_ours):
 
 def test_save_pretrained_loads_in_transformers(tmp_path):
     ours = ernie_jax.model.create_model(CFG, seed=3)
-    for stack in ours.decoder.stacks:  # non-zero biases in both pools
+    biases = {}
+    for stack in ours.decoder.stacks:  # non-zero and different biases in the two pools: swapped pools would show
         if stack.kind == "moe":
-            for router in (stack.layers.mlp.router, stack.layers.mlp.vision_router):
-                router.bias[...] = 0.1 * jax.random.normal(jax.random.key(7), router.bias[...].shape)
+            for pool, router in enumerate((stack.layers.mlp.router, stack.layers.mlp.vision_router)):
+                router.bias[...] = 0.1 * jax.random.normal(jax.random.key(7 + pool), router.bias[...].shape)
+                biases[pool] = np.asarray(router.bias[...])
     ernie_jax.save_pretrained(ours, tmp_path / "ours")
     f = SafetensorsFile(str(tmp_path / "ours" / "model.safetensors"))
     keys = set(f.keys())
     e = CFG.moe_num_experts
     assert f.shape("model.layers.1.mlp.gate.weight") == (CFG.hidden_size, e)  # [H, E] on disk (VL layout)
     assert f.shape("model.layers.1.mlp.moe_statics.e_score_correction_bias") == (2, e)
+    # HF's [2, E] row 0 = text pool, row 1 = vision pool (our stack 1 holds MoE layers 1.. in depth order)
+    with safetensors.safe_open(str(tmp_path / "ours" / "model.safetensors"), framework="np") as raw:
+        for layer in range(biases[0].shape[0]):
+            on_disk = raw.get_tensor(f"model.layers.{layer + 1}.mlp.moe_statics.e_score_correction_bias")
+            np.testing.assert_array_equal(on_disk, np.stack([biases[0][layer], biases[1][layer]]))
     assert f"model.layers.1.mlp.experts.{2 * e - 1}.down_proj.weight" in keys
     assert f.shape(f"model.layers.1.mlp.experts.{e}.gate_proj.weight") == (CFG.moe_intermediate_size[1],
                                                                             CFG.hidden_size)

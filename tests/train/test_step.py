@@ -1,7 +1,9 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from flax import nnx
 
 from ernie_jax import get_preset
 from ernie_jax.losses import token_balanced_loss, token_cross_entropy
@@ -40,17 +42,123 @@ def setup():
     return model, tx, sched
 
 
-def test_grad_accumulation_equals_one_big_batch(setup):
-    """Two micro-batches of 2 rows give the update of one micro-batch of 4 rows (token-balanced: each
-    micro-batch divides by its slot count, the accumulation averages)."""
-    model, tx, sched = setup
+def _sgd(lr=1.0):
+    """Plain SGD as the step's optimizer: the update is -lr * gradient, so a gradient scale shows (Adam's
+    first update is ~lr * sign(g) whatever the scale)."""
+    return optax.sgd(lr), optax.constant_schedule(lr)
+
+
+def _functional(model):
+    """(params pure dict, f(params, **kw) -> the model's output) for gradients by jax.grad."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def f(p, *args, **kw):
+        state = jax.tree.map(lambda x: x, params)
+        nnx.replace_by_pure_dict(state, p)
+        return nnx.merge(graphdef, state, rest)(*args, **kw)
+
+    return nnx.to_pure_dict(params), f
+
+
+def _assert_tree_close(a, b, **tol):
+    for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path), **tol)
+
+
+def test_grad_accumulation_averages_micro_batch_gradients(setup):
+    """Two micro-batches of 2 rows: the SGD update is minus the mean of the two micro-batches' gradients of
+    sum(mask * ce) / (rows * S), computed here by jax.grad of the model (token-balanced: each micro-batch
+    divides by its slot count, the accumulation averages); one micro-batch of the 4 rows gives the same."""
+    model, _, _ = setup
+    tx, sched = _sgd()
     step = jax.jit(make_train_step(model, tx, sched, LossConfig(mtp_coef=0.0)))
     b = _batch(2, 2, 8)
+    params, f = _functional(model)
+
+    def micro_loss(p, i):
+        logp = jax.nn.log_softmax(f(p, b["tokens"][i]).logits, axis=-1)
+        nll = -jnp.take_along_axis(logp, b["targets"][i][..., None], axis=-1)[..., 0]
+        return jnp.sum(nll * b["loss_mask"][i]) / nll.size
+
+    grads = jax.tree.map(lambda g0, g1: (g0 + g1) / 2, jax.grad(micro_loss)(params, 0), jax.grad(micro_loss)(params, 1))
+    want = jax.tree.map(lambda p, g: p - g, params, grads)
     s2, m2 = step(init_train_state(model, tx, ema=False), b)
+    _assert_tree_close(s2.params, want, rtol=1e-5, atol=1e-7)
     s1, m1 = step(init_train_state(model, tx, ema=False), jax.tree.map(lambda x: x.reshape(1, 4, 8), b))
+    _assert_tree_close(s1.params, want, rtol=1e-5, atol=1e-7)
     assert float(m1["loss"]) == pytest.approx(float(m2["loss"]), rel=1e-6)
-    for a, c in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(c), atol=1e-5)  # Adam amplifies float noise of tiny gradients
+    assert float(m2["grad_norm"]) == pytest.approx(float(optax.tree.norm(grads)), rel=1e-5)
+
+
+def test_mtp_loss_in_the_step():
+    """With MTP depth 1 the step adds mtp_coef * (masked mean CE of the depth-1 logits against the targets one
+    further ahead, never across a document boundary): metric and SGD update against that loss written out
+    here (shifted inputs and targets built by hand, not with `mtp_inputs` / `mtp_targets`)."""
+    model = create_model(get_preset("tiny-test", num_nextn_predict_layers=1), seed=0)
+    tx, sched = _sgd()
+    b = _batch(1, 2, 8, seed=3)
+    seg = np.array([[1, 1, 1, 1, 2, 2, 2, 2], [1, 1, 1, 1, 1, 1, 0, 0]], np.int32)  # packed; padding = 0
+    b["segment_ids"] = jnp.asarray(seg[None])
+    b["loss_mask"] = b["loss_mask"] * (b["segment_ids"] > 0)
+    tok, tgt, msk = (np.asarray(b[k][0]) for k in ("tokens", "targets", "loss_mask"))
+    shifted = np.concatenate([tok[:, 1:], np.zeros((2, 1), tok.dtype)], axis=1)  # depth 1 sees the input shifted by 1
+    tgt1 = np.concatenate([tgt[:, 1:], np.zeros((2, 1), tgt.dtype)], axis=1)
+    same_doc = np.concatenate([seg[:, 1:] == seg[:, :-1], np.zeros((2, 1), bool)], axis=1)
+    msk1 = np.concatenate([msk[:, 1:], np.zeros((2, 1), msk.dtype)], axis=1).astype(bool) & same_doc
+    params, f = _functional(model)
+
+    def mtp_only(p):
+        out = f(p, b["tokens"][0], segment_ids=b["segment_ids"][0], attention_mask=b["segment_ids"][0] != 0,
+                mtp_input_ids=jnp.asarray(shifted[None]))
+        logp = jax.nn.log_softmax(out.mtp_logits[0], axis=-1)
+        nll = -jnp.take_along_axis(logp, jnp.asarray(tgt1)[..., None], axis=-1)[..., 0]
+        return jnp.sum(nll * msk1) / msk1.sum()
+
+    with_mtp = jax.jit(make_train_step(model, tx, sched, LossConfig(mtp_coef=0.5)))(init_train_state(model, tx, ema=False), b)
+    without = jax.jit(make_train_step(model, tx, sched, LossConfig(mtp_coef=0.0)))(init_train_state(model, tx, ema=False), b)
+    assert float(with_mtp[1]["mtp_loss"]) == pytest.approx(float(mtp_only(params)), rel=1e-5)
+    assert "mtp_loss" not in without[1]
+    # SGD: the difference of the two updates is -0.5 * grad of the MTP loss
+    diff = jax.tree.map(lambda a, c: a - c, with_mtp[0].params, without[0].params)
+    want = jax.tree.map(lambda g: -0.5 * g, jax.grad(mtp_only)(params))
+    _assert_tree_close(diff, want, rtol=2e-4, atol=1e-6)
+    assert float(optax.tree.norm(want["mtp"])) > 0
+
+
+def test_router_lr_multiplier_scales_router_updates_only(setup):
+    """Same state and batch, router_lr_multiplier 1 vs 3: the router kernels move 3x as far (AdamW's first
+    update, weight decay included), every other parameter by exactly the same amount."""
+    model, _, _ = setup
+    b = _batch(1, 2, 8)
+    moved = {}
+    for mult in (1.0, 3.0):
+        tx, sched = make_optimizer(OptimizerConfig(peak_lr=1e-2, warmup_steps=0, router_lr_multiplier=mult), 10)
+        state = init_train_state(model, tx, ema=False)
+        new, _ = jax.jit(make_train_step(model, tx, sched, LossConfig(mtp_coef=0.0)))(state, b)
+        moved[mult] = jax.tree.map(lambda a, c: np.asarray(a) - np.asarray(c), new.params, state.params)
+    flat1 = dict(jax.tree_util.tree_flatten_with_path(moved[1.0])[0])
+    routers = 0
+    for path, d3 in jax.tree_util.tree_flatten_with_path(moved[3.0])[0]:
+        d1 = flat1[path]
+        if "router" in jax.tree_util.keystr(path):
+            routers += 1
+            assert np.abs(d1).max() > 0
+            np.testing.assert_allclose(d3, 3.0 * d1, rtol=1e-5, atol=1e-8, err_msg=jax.tree_util.keystr(path))
+        else:
+            np.testing.assert_array_equal(d3, d1, err_msg=jax.tree_util.keystr(path))
+    assert routers == 1
+
+
+def test_ema_follows_the_updated_params(setup):
+    """EMA after a step = decay * EMA before + (1 - decay) * the new params, in fp32."""
+    model, tx, sched = setup
+    step = jax.jit(make_train_step(model, tx, sched, LossConfig(ema_decay=0.75)))
+    state = init_train_state(model, tx, ema=True)
+    ema0 = jax.tree.map(lambda p: np.asarray(p, np.float32) + 1.0, state.params)  # an EMA apart from the params
+    state = state.replace(ema=jax.tree.map(jnp.asarray, ema0))
+    new, _ = step(state, _batch(1, 2, 8))
+    _assert_tree_close(new.ema, jax.tree.map(lambda e, p: 0.75 * e + 0.25 * np.asarray(p), ema0, new.params),
+                       rtol=1e-6, atol=1e-6)
 
 
 def test_nonfinite_step_is_skipped_and_counted(setup):
@@ -85,3 +193,24 @@ def test_aux_free_bias_moves_and_loss_decreases(setup):
     # 8 sign steps of 1e-3: every entry a whole multiple of the step, at least one moved
     assert np.abs(bias).max() > 0 and np.allclose(bias * 1e3, np.round(bias * 1e3), atol=1e-3)
     assert losses[-1] < losses[0] - 0.5
+
+
+def test_aux_free_update_through_the_step_per_stack():
+    """Two one-layer MoE stacks (layers 1 and 3), two micro-batches, lr 0: each stack's router bias moves by
+    coef * sign(mean - usage) of its own layer's usage summed over both micro-batches (the forward's
+    counts): over-used experts down, under-used up."""
+    cfg = get_preset("tiny-moe-test", num_hidden_layers=4, moe_layer_start_index=0, moe_layer_interval=2)
+    model = create_model(cfg, seed=1)
+    tx, sched = _sgd(0.0)
+    b = _batch(2, 2, 8, seed=5)
+    state, m = jax.jit(make_train_step(model, tx, sched, LossConfig(mtp_coef=0.0, aux_free_coef=0.25)))(
+        init_train_state(model, tx, ema=False), b)
+    usage = sum(np.asarray(model(b["tokens"][i]).moe_stats.usage) for i in range(2))  # [2 MoE layers, E]
+    assert not np.array_equal(usage[0], usage[1])
+    for stack, layer in ((1, 0), (3, 1)):
+        bias = np.asarray(state.buffers["decoder"]["stacks"][stack]["layers"]["mlp"]["router"]["bias"])[0]
+        over = usage[layer] > usage[layer].mean()
+        assert over.any() and (bias[over] == -0.25).all() and (bias[~over & (usage[layer] < usage[layer].mean())]
+                                                                == 0.25).all()
+        np.testing.assert_array_equal(bias, 0.25 * np.sign(usage[layer].mean() - usage[layer]))
+    _assert_tree_close(state.params, nnx.to_pure_dict(nnx.state(model, nnx.Param)), rtol=0, atol=0)
