@@ -46,4 +46,9 @@ def config(total_steps, checkpoint_every):
 if __name__ == "__main__":
     workdir, total, every = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     out = train(config(total, every), workdir, CountingData(), progress=False)
+    if not out["stopped_early"]:  # the final state, for the tests to compare runs
+        import jax  # noqa: E402
+        leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(out["state"]))[0]
+        np.savez(os.path.join(workdir, "final_state.npz"),
+                 **{jax.tree_util.keystr(k): np.asarray(v) for k, v in leaves})
     print("STOPPED_EARLY" if out["stopped_early"] else "DONE", out["step"], flush=True)
