@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ernie_jax.losses import expert_load, moe_aux_loss, mtp_loss, router_orthogonal_loss, router_z_loss
+from ernie_jax.losses import moe_aux_loss, mtp_loss, router_orthogonal_loss, router_z_loss
 from ernie_jax.model.moe import router_stats
 from ernie_jax.model.router import Routing
 
@@ -70,13 +70,6 @@ def test_orthogonal_loss():
     assert float(router_orthogonal_loss(jnp.asarray(q * 3.0))) < 1e-10
     g = jax.grad(router_orthogonal_loss)(jnp.asarray(w[0]))
     assert float(router_orthogonal_loss(jnp.asarray(w[0]) - 0.1 * g)) < float(router_orthogonal_loss(jnp.asarray(w[0])))
-
-
-def test_expert_load():
-    st = _stack([_stats(jnp.asarray(np.eye(4, dtype=np.float32)[[0, 0, 0, 1]] * 5), 1)])
-    load = expert_load(st)
-    np.testing.assert_array_equal(np.asarray(load["tokens_per_expert"]), [[3, 1, 0, 0]])
-    np.testing.assert_allclose(np.asarray(load["max_over_mean"]), [3.0])
 
 
 def test_mtp_loss_masks_and_averages_depths():
