@@ -25,8 +25,17 @@ def _inputs(b=2, sq=6, sk=6, hq=4, hkv=2, d=8, seed=0):
             r.randn(b, sk, hkv, d).astype(np.float32))
 
 
-def _dense(mask, sq, sk, b):
-    return np.broadcast_to(np.asarray(mask.dense(sq, sk))[:, 0], (b, sq, sk))
+def _allowed(b, sq, sk, *, causal=True, seg=None, valid=None):
+    """[B, Sq, Sk] bool by explicit loops over (query, key), from the definition: the queries are the last Sq
+    of Sk positions; query i sees key j if j <= i + Sk - Sq (causal), both lie in the same segment, and key j
+    is not padding."""
+    out = np.zeros((b, sq, sk), bool)
+    for r in range(b):
+        for i in range(sq):
+            for j in range(sk):
+                out[r, i, j] = ((not causal or j <= i + sk - sq) and (seg is None or seg[r][i] == seg[r][j])
+                                and (valid is None or bool(valid[r][j])))
+    return out
 
 
 @pytest.mark.parametrize("impl", ["xla", "jax_nn"])
@@ -35,7 +44,7 @@ def test_causal_gqa_matches_naive(impl, hkv):
     q, k, v = _inputs(hkv=hkv)
     mask = AttentionMask(causal=True)
     out = attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), mask, impl=impl)
-    ref = _naive(q, k, v, _dense(mask, 6, 6, 2), 8 ** -0.5)
+    ref = _naive(q, k, v, _allowed(2, 6, 6), 8 ** -0.5)
     np.testing.assert_allclose(np.asarray(out), ref, atol=2e-6)
 
 
@@ -48,7 +57,7 @@ def test_segments_padding_and_fully_masked_rows(impl):
     valid = valid.at[0, 0].set(0)
     mask = AttentionMask(causal=True, q_segment_ids=seg, kv_segment_ids=seg, kv_valid=valid.astype(bool))
     out = attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), mask, impl=impl)
-    allowed = _dense(mask, 7, 7, 2)
+    allowed = _allowed(2, 7, 7, seg=np.asarray(seg), valid=np.asarray(valid))
     assert not allowed[0, 0].any()
     np.testing.assert_allclose(np.asarray(out), _naive(q, k, v, allowed, 8 ** -0.5), atol=2e-6)
     assert np.all(np.asarray(out)[0, 0] == 0)
@@ -64,7 +73,7 @@ def test_decode_offset_causal():
     """Sq < Sk: the queries are the last Sq positions, query i sees keys <= i + Sk - Sq."""
     q, k, v = _inputs(sq=2, sk=5)
     mask = AttentionMask(causal=True)
-    allowed = _dense(mask, 2, 5, 2)
+    allowed = _allowed(2, 2, 5)
     assert allowed[0].tolist() == [[True, True, True, True, False], [True] * 5]
     np.testing.assert_allclose(np.asarray(attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), mask)),
                                _naive(q, k, v, allowed, 8 ** -0.5), atol=2e-6)
@@ -98,7 +107,7 @@ def test_blocked_causal_matches_naive_and_unblocked(case, monkeypatch):
 
     sq, sk = (128, 160) if case == "prefill_with_cache" else (128, 128)
     q, k, v = _inputs(sq=sq, sk=sk, d=16)
-    mask = AttentionMask(causal=True)
+    mask, seg = AttentionMask(causal=True), None
     if case == "packed":
         seg = np.repeat(np.array([[1, 2, 3, 0], [1, 1, 2, 2]]), 32, axis=1)
         seg[0, 0] = 9  # a document of one token
@@ -106,7 +115,8 @@ def test_blocked_causal_matches_naive_and_unblocked(case, monkeypatch):
                              kv_valid=jnp.asarray(seg != 0))
     args = tuple(jnp.asarray(x) for x in (q, k, v))
     out = attention(*args, mask)
-    np.testing.assert_allclose(np.asarray(out), _naive(q, k, v, _dense(mask, sq, sk, 2), 16 ** -0.5), atol=2e-6)
+    allowed = _allowed(2, sq, sk, seg=seg, valid=None if seg is None else seg != 0)
+    np.testing.assert_allclose(np.asarray(out), _naive(q, k, v, allowed, 16 ** -0.5), atol=2e-6)
 
     def grads():
         return jax.grad(lambda q_, k_, v_: jnp.sum(jnp.sin(attention(q_, k_, v_, mask))), argnums=(0, 1, 2))(*args)

@@ -1,9 +1,10 @@
-"""FlashMask kernels (pallas_kernels.flashmask) against the dense oracle, in Pallas interpret mode on CPU.
+"""FlashMask kernels (pallas_kernels.flashmask) against a dense oracle, in Pallas interpret mode on CPU.
 
-Every case runs forward and backward (dq, dk, dv) in one jitted vjp and compares with the dense-mask
-reference at 1e-5 (fp32): random masks of each Paddle form (causal n=1/2, non-causal n=2/4), GQA, per-head
-masks, Sq != Sk, lengths that are not multiples of the blocks, rows (and whole batch rows) fully masked,
-every mask builder, bf16. Blocks are small multiples of 8 (interpret mode) so that a few tiles exist.
+Every case runs forward and backward (dq, dk, dv) in one jitted vjp and compares at 1e-5 (fp32) with plain
+attention over the boolean mask that the test reads from `startend_row_indices` itself (flashmask_oracle.py,
+no code shared with the package): random masks of each Paddle form (causal n=1/2, non-causal n=2/4), GQA,
+per-head masks, Sq != Sk, lengths that are not multiples of the blocks, rows (and whole batch rows) fully
+masked, every mask builder, bf16. Blocks are small multiples of 8 (interpret mode) so that a few tiles exist.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from flashmask_oracle import dense_mask, tile_occupancy
 from pallas_kernels import flashmask as fm
 
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -29,12 +31,25 @@ def _qkv(b, sq, sk, hq, hkv, d, seed=0, dtype=jnp.float32):
     return q, k, v, g
 
 
+def _reference(q, k, v, allowed):
+    """Softmax attention in fp32 over allowed [B, 1 or Hq, Sq, Sk] (True = attend), scale D^-0.5; query head
+    h uses kv head h // (Hq / Hkv); a row with no visible key outputs zeros."""
+    b, sq, hq, d = q.shape
+    g = hq // k.shape[2]
+    kk, vv = jnp.repeat(k, g, axis=2).astype(jnp.float32), jnp.repeat(v, g, axis=2).astype(jnp.float32)
+    m = jnp.broadcast_to(jnp.asarray(allowed), (b, hq, sq, k.shape[1]))
+    scores = jnp.where(m, jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), kk) * d ** -0.5, -1e30)
+    p = jnp.where(m, jax.nn.softmax(scores, axis=-1), 0.0)
+    return jnp.einsum("bhqk,bkhd->bqhd", p, vv).astype(q.dtype)
+
+
 def _value_and_grads(q, k, v, idx, g, *, causal, bq, bk, kernel):
     """Output and (dq, dk, dv) for cotangent g: the kernel jitted, the oracle eagerly (op by op is faster
     than compiling it at these sizes)."""
     if kernel:
         return _kernel_value_and_grads(q, k, v, idx, g, causal=causal, bq=bq, bk=bk)
-    out, vjp = jax.vjp(lambda q, k, v: fm.flashmask_attention_reference(q, k, v, idx, causal=causal), q, k, v)
+    allowed = dense_mask(idx, causal=causal, q_len=q.shape[1])
+    out, vjp = jax.vjp(lambda q, k, v: _reference(q, k, v, allowed), q, k, v)
     return out, vjp(g)
 
 
@@ -54,7 +69,7 @@ def _check(q, k, v, idx, *, causal, bq, bk, g, tol=TOL):
         assert np.isfinite(a).all(), name
         np.testing.assert_allclose(a, b, err_msg=name, **tol)
     # rows that see no key: exactly zero output and zero dq
-    allowed = np.asarray(fm.dense_mask(idx, causal=causal, q_len=q.shape[1]))  # [B, Hm, Sq, Sk]
+    allowed = dense_mask(idx, causal=causal, q_len=q.shape[1])  # [B, Hm, Sq, Sk]
     empty = np.broadcast_to(~allowed.any(-1), (q.shape[0], q.shape[2], q.shape[1])).transpose(0, 2, 1)
     assert (np.asarray(out)[empty] == 0).all()
     assert (np.asarray(grads[0])[empty] == 0).all()
@@ -131,24 +146,44 @@ def test_every_builder(causal):
     q, k, v, g = _qkv(idx.shape[0], s, s, 2, 2, 32, seed=7)
     _check(q, k, v, idx, causal=causal, bq=64, bk=64, g=g)
     st = fm.tile_statistics(idx, causal=causal, q_len=s, block_q=64, block_kv=64)
-    assert st["computed"] == st["nonempty"] < st["total"]
+    nonempty, _ = tile_occupancy(dense_mask(idx, causal=causal, q_len=s), 64, 64)
+    assert st["computed"] == nonempty.sum() < st["total"]
 
 
 def test_skipped_tiles_are_never_read():
-    """NaN keys / values in the first document: a second document aligned to the tiles must stay exact, so
-    the tiles pairing its rows with the first document's keys are skipped (not merely masked: a masked
-    tile would still multiply 0 by NaN). interpret=None: the interpreter chosen at lowering on CPU."""
-    s, d = 256, 32
-    seg = jnp.asarray(np.repeat([0, 1], 128)[None])
-    idx = fm.causal_document_mask(seg)
-    q, k, v, _ = _qkv(1, s, s, 2, 2, d, seed=5)
-    k_bad = k.at[:, :128].set(jnp.nan)
-    v_bad = v.at[:, :128].set(jnp.nan)
-    out = jax.jit(lambda q, k, v: fm.flashmask_attention(q, k, v, idx, causal=True, block_q=128, block_kv=128,
-                                                         interpret=None))(q, k_bad, v_bad)
-    ref = fm.flashmask_attention_reference(q, k, v, idx, causal=True)
-    assert np.isnan(np.asarray(out[:, :128])).all()
-    np.testing.assert_allclose(np.asarray(out[:, 128:]), np.asarray(ref[:, 128:]), **TOL)
+    """Batch row r has NaN keys / values in kv tile r only. A skipped tile is not read at all, a computed one
+    poisons whatever it touches (even a masked entry multiplies 0 by NaN), so the NaN pattern shows which
+    tiles each pass computes; it must be exactly the tiles with a visible entry, brute-forced from the dense
+    mask: forward and dq rows of q tile i are NaN iff (i, r) has one; dk of kv tile j iff some q tile has a
+    visible entry in both tile r and tile j (those rows' outputs, hence dO . O, are NaN). A masked NaN score
+    never enters the softmax statistics, so dv (probabilities times dO) is NaN for the keys of tile r and the
+    keys seen by a row that sees a key of tile r. Everything else equals the oracle on clean inputs.
+    interpret=None: the interpreter chosen at lowering on CPU."""
+    s, d, blk, b = 512, 16, 128, 4  # interpret=None takes the TPU block sizes (multiples of 128)
+    seg = np.repeat([0, 1, 2], [200, 120, 192])  # documents straddling the tiles
+    idx = fm.causal_document_mask(jnp.asarray(np.broadcast_to(seg, (b, s))))
+    allowed = dense_mask(idx, causal=True, q_len=s)
+    vis = tile_occupancy(allowed, blk, blk)[0][:, 0]  # [B, nq, nk]
+    assert (~vis & np.tril(np.ones((4, 4), bool))).any()  # empty tiles below the diagonal, not only above
+    q, k, v, g = _qkv(b, s, s, 2, 2, d, seed=5)
+    tile = np.arange(s) // blk
+    bad = jnp.asarray(tile[None, :] == np.arange(b)[:, None])[:, :, None, None]  # [B, Sk, 1, 1]
+    f = lambda q, k, v: fm.flashmask_attention(q, k, v, idx, causal=True, block_q=blk, block_kv=blk,  # noqa: E731
+                                               interpret=None)
+    out, (dq, dk, dv) = jax.jit(lambda q, k, v, g: (lambda o, vjp: (o, vjp(g)))(*jax.vjp(f, q, k, v)))(
+        q, jnp.where(bad, jnp.nan, k), jnp.where(bad, jnp.nan, v), g)
+    rows_nan = np.stack([vis[r, tile, r] for r in range(b)])  # [B, Sq]
+    cols_nan = np.stack([(vis[r, :, r, None] & vis[r]).any(0)[tile] for r in range(b)])  # [B, Sk]
+    lse_nan = np.stack([allowed[r, 0][:, tile == r].any(1) for r in range(b)])  # [B, Sq]
+    dv_nan = (tile == np.arange(b)[:, None]) | (allowed[:, 0] & lse_nan[:, :, None]).any(1)
+    for name, a, want in (("out", out, rows_nan), ("dq", dq, rows_nan), ("dk", dk, cols_nan), ("dv", dv, dv_nan)):
+        nan = np.isnan(np.asarray(a))
+        np.testing.assert_array_equal(nan.any((-1, -2)), want, err_msg=name)
+        assert (nan.all((-1, -2)) == want).all(), name
+    assert rows_nan.any() and not rows_nan.all() and not cols_nan.all()
+    ref, (rdq, rdk, rdv) = _value_and_grads(q, k, v, idx, g, causal=True, bq=blk, bk=blk, kernel=False)
+    for a, r_, want in ((out, ref, rows_nan), (dq, rdq, rows_nan), (dk, rdk, cols_nan), (dv, rdv, dv_nan)):
+        np.testing.assert_allclose(np.asarray(a)[~want], np.asarray(r_)[~want], **TOL)
 
 
 def test_bf16():

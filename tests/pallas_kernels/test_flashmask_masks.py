@@ -1,5 +1,6 @@
-"""Mask builders (pallas_kernels.flashmask.masks) against hand-written dense boolean masks, and the tile
-statistics against a brute-force count over the dense mask. No kernels run here."""
+"""Mask builders (pallas_kernels.flashmask.masks) against hand-written dense boolean masks, the package's dense
+reference mask and its tile statistics against a brute-force count, all through the test's own reading of
+`startend_row_indices` (flashmask_oracle.py). No kernels run here."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from flashmask_oracle import dense_mask, tile_occupancy
 from pallas_kernels import flashmask as fm
 
 SEG = np.repeat(np.arange(5), [7, 1, 12, 3, 9])  # S = 32, ragged documents
@@ -14,7 +16,7 @@ S = SEG.size
 
 
 def _dense(idx, causal, q_len=S):
-    return np.asarray(fm.dense_mask(idx, causal=causal, q_len=q_len))[0, 0]
+    return dense_mask(idx, causal=causal, q_len=q_len)[0, 0]
 
 
 def _hand(rule):
@@ -72,31 +74,16 @@ def test_global_sliding_window(causal):
     np.testing.assert_array_equal(got, want)
 
 
-def test_paddle_forms_agree():
-    """causal [LTS] == causal [LTS, S]; non-causal [LTS, UTE] == [LTS, S, 0, UTE]."""
-    r = np.random.RandomState(0)
-    a = r.randint(0, S + 1, (2, 3, S, 2))
-    one = jnp.asarray(a[..., :1])
-    np.testing.assert_array_equal(fm.dense_mask(one, causal=True, q_len=S),
-                                  fm.dense_mask(jnp.concatenate([one, jnp.full_like(one, S)], -1), causal=True,
-                                                q_len=S))
-    two = jnp.asarray(a)
-    four = jnp.stack([two[..., 0], jnp.full_like(two[..., 0], S), jnp.zeros_like(two[..., 0]), two[..., 1]], -1)
-    np.testing.assert_array_equal(fm.dense_mask(two, causal=False, q_len=S), fm.dense_mask(four, causal=False, q_len=S))
-
-
-def _brute_tiles(allowed, bq, bk):
-    """[B, H, Sq, Sk] -> (any, all) per tile, padding excluded."""
-    b, h, sq, sk = allowed.shape
-    nq, nk = -(-sq // bq), -(-sk // bk)
-    any_ = np.zeros((b, h, nq, nk), bool)
-    all_ = np.zeros((b, h, nq, nk), bool)
-    for qi in range(nq):
-        for ki in range(nk):
-            t = allowed[:, :, qi * bq:(qi + 1) * bq, ki * bk:(ki + 1) * bk]
-            any_[:, :, qi, ki] = t.any((-1, -2))
-            all_[:, :, qi, ki] = t.all((-1, -2))
-    return any_, all_
+@pytest.mark.parametrize("causal,n", [(True, 1), (True, 2), (False, 2), (False, 4)])
+@pytest.mark.parametrize("sq", [S, 20, 45])
+def test_dense_reference_follows_the_definition(causal, n, sq):
+    """The package's dense mask (the kernels' oracle) for every Paddle form, Sq = Sk and not, random bounds."""
+    r = np.random.RandomState(n + 10 * causal + sq)
+    a = r.randint(0, max(sq, S) + 1, (2, 3, S, n))
+    if n > 1:  # mostly ordered pairs; some empty (reversed) intervals left in
+        a[..., :2] = np.where(r.rand(2, 3, S, 1) < 0.8, np.sort(a[..., :2], -1), a[..., :2])
+    got = np.asarray(fm.dense_mask(jnp.asarray(a, jnp.int32), causal=causal, q_len=sq))
+    np.testing.assert_array_equal(got, dense_mask(a, causal=causal, q_len=sq))
 
 
 def _builders(s):
@@ -117,12 +104,13 @@ def test_tile_statistics_exact_for_builders(bq, bk):
     s = 100  # not a multiple of the blocks
     for idx, causal in _builders(s):
         st = fm.tile_statistics(idx, causal=causal, q_len=s, block_q=bq, block_kv=bk)
-        any_, all_ = _brute_tiles(np.asarray(fm.dense_mask(idx, causal=causal, q_len=s)), bq, bk)
+        allowed = dense_mask(idx, causal=causal, q_len=s)
+        any_, all_ = tile_occupancy(allowed, bq, bk)
         assert st["total"] == any_.size
         assert st["nonempty"] == any_.sum() and st["all_visible"] == all_.sum()
-        assert st["computed"] == st["nonempty"], (causal, idx.shape)  # no wasted tile
-        assert st["full"] <= st["all_visible"]
-        assert st["density"] == pytest.approx(np.asarray(fm.dense_mask(idx, causal=causal, q_len=s)).mean())
+        assert st["computed"] == any_.sum(), (causal, idx.shape)  # no wasted tile
+        assert st["full"] <= all_.sum()
+        assert st["density"] == pytest.approx(allowed.mean())
 
 
 @pytest.mark.parametrize("causal,n", [(True, 1), (True, 2), (False, 2), (False, 4)])
@@ -135,6 +123,6 @@ def test_tile_statistics_never_skip_a_visible_tile(causal, n):
         a = np.concatenate([np.sort(a[..., :2], -1), np.sort(a[..., 2:], -1)], -1)
     idx = jnp.asarray(a, jnp.int32)
     st = fm.tile_statistics(idx, causal=causal, q_len=s, block_q=bq, block_kv=bk)
-    any_, all_ = _brute_tiles(np.asarray(fm.dense_mask(idx, causal=causal, q_len=s)), bq, bk)
+    any_, all_ = tile_occupancy(dense_mask(idx, causal=causal, q_len=s), bq, bk)
     assert st["nonempty"] == any_.sum() and st["all_visible"] == all_.sum()
-    assert st["computed"] >= st["nonempty"] and st["full"] <= st["all_visible"]
+    assert st["computed"] >= any_.sum() and st["full"] <= all_.sum()
