@@ -8,8 +8,8 @@ PY := $(VENV)/bin/python
 # TPU at start-up. Run with JAX_PLATFORMS= (empty) to let jax pick an accelerator.
 export JAX_PLATFORMS ?= cpu
 # tcmalloc where the system has it (Debian / Ubuntu: apt install libtcmalloc-minimal4): with glibc's malloc XLA:CPU's
-# large per-step buffers are fresh mmap pages, page-faulted every step. On the 2-core dev host `make run` took 106 s
-# instead of 136 s (kernel time 2 s instead of 51 s), every logged metric equal. `make run TCMALLOC=` turns it off.
+# large per-step buffers are fresh mmap pages, page-faulted every step; tcmalloc reuses them, same metrics, faster
+# (docs/benchmarks.md, design measurements). `make run TCMALLOC=` turns it off.
 LIBDIRS := /usr/lib/x86_64-linux-gnu /usr/lib/aarch64-linux-gnu /usr/lib64 /usr/lib
 TCMALLOC ?= $(firstword $(wildcard $(foreach d,$(LIBDIRS),$(d)/libtcmalloc_minimal.so.4 $(d)/libtcmalloc.so.4)))
 

@@ -28,7 +28,7 @@ def model_class(config: ErnieConfig) -> type[nnx.Module]:
 
 
 def _build(config: ErnieConfig, seed) -> nnx.Module:
-    # RBG keys: the initialiser compiles ~4x faster than with threefry (many random tensors); the values
+    # RBG keys: the initialiser (many random tensors) compiles much faster than with threefry; the values
     # depend on the backend's RngBitGenerator, so the same seed gives other weights on CPU and TPU.
     return model_class(config)(config, rngs=nnx.Rngs(params=jax.random.key(seed, impl="rbg")))
 

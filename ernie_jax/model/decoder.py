@@ -120,8 +120,8 @@ class LayerStack(nnx.Module):
             return nnx.merge(graphdef, layer_state)(h, angles, mask, token_mask, modality)
 
         # Short stacks (the CPU / test configs) are unrolled: no stacked residuals written with
-        # dynamic-update-slice into zero-initialised buffers (~10% of the tiny config's CPU step); deep ones
-        # stay a loop (unrolled, 24 tiny layers compiled in 15.7 s instead of 8.8 s).
+        # dynamic-update-slice into zero-initialised buffers; deep ones stay a loop, which compiles faster
+        # (docs/benchmarks.md, design measurements).
         return jax.lax.scan(remat(body, self.remat_policy), x, state, unroll=self.num_layers <= 4)
 
 

@@ -3,9 +3,9 @@
 `einsum("BSH,HI->BSI")` and `dense` compute the same dot products, but their weight gradients compile
 differently on XLA:CPU: the transpose of the einsum contracts over two dims (B, S), which XLA:CPU lowers
 with transposed copies of the activations and a dot its fast matmul library (YNNPACK) does not take; the
-2-D form's is a plain [H, T] x [T, I] matmul. With the attention, MLP and LM-head projections written
-this way the tiny config's forward + backward took ~12% less CPU time (one core, scanned layers). The
-reshapes only merge or split dims whose major part carries the sharding, so they cost no communication.
+2-D form's is a plain [H, T] x [T, I] matmul, which makes the attention, MLP and LM-head projections'
+backward cheaper on CPU (docs/benchmarks.md, design measurements). The reshapes only merge or split dims
+whose major part carries the sharding, so they cost no communication.
 """
 
 from __future__ import annotations

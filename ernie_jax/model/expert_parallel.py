@@ -14,9 +14,9 @@ of token shards). Routing happens before the shard_map (GSPMD, on the token-shar
 1. replicate each local token k times, sort the T_l*k slots by expert (hence by owning shard);
 2. pack them into a send buffer [ep, C, H] (row d = the slots for shard d, zero-padded to C rows), and
    exchange with `jax.lax.all_to_all` over `expert` (with the local expert id of every row, `E_l` = padding);
-3. sort the ep*C received rows by local expert and run the experts' SwiGLU (`gmm.expert_swiglu`, the same
-   code as the single-device path) with the local group sizes (padding rows are sorted last, past
-   sum(group sizes), and come out zero);
+3. sort the ep*C received rows by local expert and run the experts' SwiGLU
+   (`grouped_matmul.expert_swiglu`, the same code as the single-device path) with the local group sizes
+   (padding rows are sorted last, past sum(group sizes), and come out zero);
 4. unsort, inverse `all_to_all`, unpack to slot order, unsort to token order, weighted combine.
 
 `jax.lax.ragged_all_to_all` would send only the real rows, but XLA:CPU does not implement it (jax 0.10.2:
@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from ernie_jax.model.gmm import expert_swiglu
+from ernie_jax.model.grouped_matmul import expert_swiglu
 from ernie_jax.model.permute import gather_rows, permute_rows, sort_permutation
 from ernie_jax.model.router import Routing
 from ernie_jax.sharding import current_rules, logical_to_spec, resolve_rules

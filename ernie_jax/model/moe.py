@@ -2,9 +2,9 @@
 
 Three interchangeable dispatch paths (`ErnieConfig.moe_dispatch`), equal whenever nothing is dropped:
 - `dropless` (default): replicate each token k times, sort the token-slots by expert, the experts' SwiGLU
-  on the sorted rows (`gmm.expert_swiglu`: fused on one layout for `bucketed`, three `gmm.grouped_matmul`
-  calls otherwise), unsort, weighted combine. The sort is a permutation whose gradient is the
-  inverse permutation (a gather, no scatter-add).
+  on the sorted rows (`grouped_matmul.expert_swiglu`: fused on one layout for `bucketed`, three
+  `grouped_matmul` calls otherwise), unsort, weighted combine. The sort is a permutation whose gradient is
+  the inverse permutation (a gather, no scatter-add).
 - `capacity`: GShard einsum dispatch/combine with `moe_capacity_factor`; slots past an expert's capacity are
   dropped (first choices of every token win over second choices). The fallback and an oracle.
 - `dense`: every expert on every token, weighted by the (mostly zero) routing matrix. The plain oracle.
@@ -31,7 +31,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from ernie_jax.config import ErnieConfig
 from ernie_jax.model.expert_parallel import dropless_expert_parallel, expert_parallel_plan
-from ernie_jax.model.gmm import expert_swiglu
+from ernie_jax.model.grouped_matmul import expert_swiglu
 from ernie_jax.model.mlp import ACTIVATIONS, MLP
 from ernie_jax.model.params import normal_param
 from ernie_jax.model.permute import permute_rows, sort_permutation

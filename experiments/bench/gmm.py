@@ -4,7 +4,7 @@
 
 Whatever backend jax has:
 - TPU: the kernels compiled by Mosaic (ours and megablox) vs ragged_dot (XLA's native ragged dot).
-- CPU: the Pallas kernels can only run in *interpret mode* (a JAX loop over the grid, ~5 ms per grid step),
+- CPU: the Pallas kernels can only run in *interpret mode* (a JAX loop over the grid, slow per grid step),
   so their rows measure the interpreter, not the kernel; ragged_dot on CPU is XLA's dense fallback (every
   row times every expert). Shapes are the 21B-A3B expert shapes scaled down to fit 2 cores.
 - GPU: the Pallas kernels are TPU (Mosaic) kernels and do not run there; the rows are ragged_dot's two GPU
@@ -99,7 +99,7 @@ def implementations(backend: str, s: Shape) -> dict:
         impls[TRITON] = impls[RAGGED + " (XLA)"]  # the same call, lowered with the flag below
     if backend in ("cpu", "gpu"):
         try:  # the MoE layer's pure-JAX path (its CPU default): groups padded to row tiles, one batched matmul
-            from ernie_jax.model.gmm import grouped_matmul
+            from ernie_jax.model.grouped_matmul import grouped_matmul
             impls["ernie_jax `tiled` (pure JAX, padded batched matmul)"] = functools.partial(grouped_matmul,
                                                                                              impl="tiled")
         except ImportError as e:

@@ -6,15 +6,15 @@
 One step is the jitted `jax.value_and_grad` of `mean(y**2)` w.r.t. the `nnx.Param`s of one
 `ernie_jax.model.moe.MoEBlock` (router + routed SwiGLU experts, no shared expert) and its input x, y the block's
 output: a layer's backward in a training step, which also hands dx to the layers below (the experts' dx matmuls are
-E-sensitive too; without dx, XLA drops them and the ratios below come out ~0.05-0.1 lower). Top-k, the expert width
+E-sensitive too; without dx, XLA drops them and the ratios come out lower). Top-k, the expert width
 and the hidden size stay fixed, so every E has the same active parameters and FLOPs per token; only the number of
 experts (total parameters) grows. Each `--seq` value is its own group of rows (batch x seq tokens), timed on its
 own. Dispatch paths: dropless with the `bucketed` grouped matmul (the CPU default; the experts' SwiGLU fused on one
-layout, `gmm.expert_swiglu`) and with `tiled`, the no-dispatch floor (`floor_output`: equal loads by construction,
-no sort or gathers, the bound for any dispatch), and, in the row groups of at most `--slow-max-tokens` tokens only
-(`SLOW`), dropless with `jax.lax.ragged_dot` (a dense fallback on CPU) and the dense "every expert on every token"
-einsum, whose cost grows with E by construction, and GShard capacity dispatch, whose one-hot dispatch grows with
-tokens^2 (~8 s a step at 4096 tokens). With `--impls`, also `dropless bucketed 3-call` (bucketed unfused: three
+layout, `grouped_matmul.expert_swiglu`) and with `tiled`, the no-dispatch floor (`floor_output`: equal loads by
+construction, no sort or gathers, the bound for any dispatch), and, in the row groups of at most
+`--slow-max-tokens` tokens only (`SLOW`), dropless with `jax.lax.ragged_dot` (a dense fallback on CPU) and the
+dense "every expert on every token" einsum, whose cost grows with E by construction, and GShard capacity dispatch,
+whose one-hot dispatch grows with tokens^2. With `--impls`, also `dropless bucketed 3-call` (bucketed unfused: three
 `grouped_matmul` calls, each building its own layout). For each E all paths see the same weights and inputs; the
 dropless paths (and `dense` where run) must agree before anything is timed. Besides wall time, the CPU time of the
 process over each step (user + kernel; the kernel part is mostly page faults on buffers XLA maps afresh each step).
@@ -47,7 +47,8 @@ from flax import nnx
 
 import ernie_jax
 from ernie_jax.model import moe as moe_module
-from ernie_jax.model.gmm import bucket_branch, bucket_branches, expert_swiglu
+from ernie_jax.model.grouped_matmul import expert_swiglu
+from ernie_jax.model.grouped_matmul.bucketed import bucket_branch, bucket_branches
 from ernie_jax.model.mlp import ACTIVATIONS
 from ernie_jax.model.moe import MoEBlock, router_stats
 from experiments.bench.report import git_rev, utc_now, write_section
@@ -294,8 +295,8 @@ def header(args, groups: list[str], load: tuple[float, float], wall_s: float) ->
             f"floor rests on: per-expert matmuls of few rows run slower and on fewer cores. Peak MiB is XLA's buffer "
             f"estimate (`compiled.memory_analysis()`: temp + argument + output bytes), not a measured RSS. The "
             f"dropless paths agree (relative {RTOL:g}) before timing. `dropless bucketed` runs the experts' "
-            f"SwiGLU fused on one bucket layout (`gmm.expert_swiglu`); `{UNFUSED}` is the same dispatch with "
-            f"three `grouped_matmul` calls, each building its own layout (only with `--impls`). Timed only up to "
+            f"SwiGLU fused on one bucket layout (`grouped_matmul.expert_swiglu`); `{UNFUSED}` is the same dispatch "
+            f"with three `grouped_matmul` calls, each building its own layout (only with `--impls`). Timed only up to "
             f"{args.slow_max_tokens} tokens, to keep the run short: `dropless ragged_dot` (XLA's dense CPU "
             f"fallback) and `dense` grow with E by construction, `capacity` is flat in E but its one-hot dispatch "
             f"grows with tokens² (~8 s a step at 4096 tokens). Run `python -m experiments.bench.moe "

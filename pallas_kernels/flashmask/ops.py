@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.flashmask import kernel as _k
+from pallas_kernels.target import on_target
 
 DEFAULT_BLOCK = 512  # TPU default for block_q / block_kv (capped by the padded sequence length)
 
@@ -213,12 +214,8 @@ def _to_kernel(x, s_p):
 
 
 def _call(fn, *args, interpret, **kw):
-    """Runs a kernel; interpret=None picks the Mosaic kernel when lowering for TPU and the Pallas
-    interpreter elsewhere (at lowering time, so AOT compiles for a TPU topology from a CPU host)."""
-    if interpret is None:
-        return jax.lax.platform_dependent(*args, tpu=functools.partial(fn, interpret=False, **kw),
-                                          default=functools.partial(fn, interpret=True, **kw))
-    return fn(*args, interpret=interpret, **kw)
+    """Runs a kernel on the target chosen by `interpret` (None: when lowering, `pallas_kernels.target`)."""
+    return on_target(interpret, functools.partial(fn, **kw), *args)
 
 
 def _forward(q, k, v, bounds, st: _Static):

@@ -7,10 +7,11 @@
   `group_offset` (+ the local group count rhs.shape[0]) for expert parallelism; `transpose_rhs`;
   bf16 / fp32 operands, fp32 accumulation; tiles from `choose_tiling` unless given.
 - `tgmm`: the per-group weight gradient lhs[:, rows]^T-style product -> [G, K, N].
-- `interpret=None` runs the kernels in Pallas interpret mode off TPU (CPU tests, the MoE layer on CPU).
+- `interpret=None` picks the Mosaic kernel when lowering for TPU (AOT from a CPU host included) and the Pallas
+  interpreter for any other platform (CPU tests, the MoE layer on CPU): `pallas_kernels.target`.
 - Oracles in `reference` (`jax.lax.ragged_dot`, numpy loops). Kernels and schedule: `kernel`.
 """
 
-from pallas_kernels.gmm.ops import choose_tiling, default_interpret, gmm, tgmm
+from pallas_kernels.gmm.ops import choose_tiling, gmm, tgmm
 
-__all__ = ["choose_tiling", "default_interpret", "gmm", "tgmm"]
+__all__ = ["choose_tiling", "gmm", "tgmm"]

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.gmm import kernel
+from pallas_kernels.target import on_target
 
 Tiles = tuple[int, int, int]
 TilingFn = Callable[[int, int, int], Tiles]
@@ -30,11 +31,6 @@ Tiling = Union[Tiles, TilingFn, None]
 _SUPPORTED = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 SUBLANE, LANE = 8, 128  # TPU block-shape rule: the last two block dims are multiples of (8, 128) or full
 VMEM_BUDGET = 12 * 2**20  # per kernel; under the 16 MiB default scoped VMEM of v4 / v5 (v6e has 32 MiB)
-
-
-def default_interpret() -> bool:
-    """The kernels compile for TPU only; on any other default backend they run in Pallas interpret mode."""
-    return jax.default_backend() != "tpu"
 
 
 def _pow2_floor(x: float) -> int:
@@ -70,12 +66,12 @@ def choose_tiling(m: int, k: int, n: int, *, num_groups: int, dtype=jnp.float32,
 
     tm follows the average group size (a group boundary wastes up to one tile of rows, so tiles much larger
     than a group mostly compute masked rows), as a power of two in [128, 512] on TPU: smaller tiles starve
-    the MXU and pay the ~0.35 us per-step overhead more often. tk and tn are multiples of 128 that divide K
-    and N where possible, up to 1024, then halved (the larger first) until the blocks of all three kernels
-    fit VMEM_BUDGET. A tile never exceeds its dim (a whole dim is always a legal block).
+    the MXU and pay Pallas' fixed per-grid-step overhead more often. tk and tn are multiples of 128 that
+    divide K and N where possible, up to 1024, then halved (the larger first) until the blocks of all three
+    kernels fit VMEM_BUDGET. A tile never exceeds its dim (a whole dim is always a legal block).
 
-    Interpret mode (CPU) costs ~5 ms per grid step whatever the block size, so there tk = K, tn = N and tm
-    is the average group size rounded up, in [8, 1024]: about two steps per group."""
+    Interpret mode (CPU) costs a fixed time per grid step whatever the block size, so there tk = K, tn = N
+    and tm is the average group size rounded up, in [8, 1024]: about two steps per group."""
     g = max(1, num_groups)
     m, k, n = max(1, m), max(1, k), max(1, n)  # (empty operands are not tiled; keep the tiles positive)
     if interpret:
@@ -101,7 +97,7 @@ def _legal(tiles: Tiles, dims: tuple[int, int, int], interpret: bool, what: str)
     tiles = tuple(int(min(t, max(d, 1))) for t, d in zip(tiles, dims))
     if any(t < 1 for t in tiles):
         raise ValueError(f"{what}: tiles must be positive, got {tiles}")
-    if not interpret:
+    if not interpret and 0 not in dims:  # an empty operand runs no kernel (kernel.gmm_call returns zeros)
         (tm, ta, tb), (m, a, b) = tiles, dims
         bad = []
         if tm % SUBLANE and tm != m:
@@ -116,7 +112,8 @@ def _legal(tiles: Tiles, dims: tuple[int, int, int], interpret: bool, what: str)
 
 @dataclasses.dataclass(frozen=True)
 class _Plan:
-    """Everything static about one gmm call (hashable: it is the custom_vjp's non-differentiable arg)."""
+    """Everything static about one gmm call for one target (hashable: part of the custom_vjp's
+    non-differentiable arg)."""
 
     tiles: Tiles  # (tm, tk, tn) along the problem's M, K, N
     out_dtype: np.dtype
@@ -138,29 +135,40 @@ class _Plan:
         return _legal((tm, tk, tn), (m, k, n), self.interpret, "gmm backward (d rhs)")
 
 
+@dataclasses.dataclass(frozen=True)
+class _Plans:
+    """The plan of each target the call may lower to: one, or both when interpret=None (chosen when lowering)."""
+
+    mosaic: _Plan | None
+    interpreter: _Plan | None
+
+    @property
+    def interpret(self) -> bool | None:
+        if self.mosaic is not None and self.interpreter is not None:
+            return None
+        return self.mosaic is None
+
+    def run(self, fn, *args):
+        """fn(plan, *args) with the plan of the target lowered for (`pallas_kernels.target.on_target`)."""
+        def with_plan(*a, interpret: bool):
+            return fn(self.interpreter if interpret else self.mosaic, *a)
+
+        return on_target(self.interpret, with_plan, *args)
+
+
 def _dims(lhs, rhs, transpose_rhs):
     m, k = lhs.shape
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     return m, k, n
 
 
-def _forward(lhs, rhs, group_sizes, group_offset, plan: _Plan):
+def _forward(plan: _Plan, lhs, rhs, group_sizes, group_offset):
     return kernel.gmm_call(lhs, rhs, group_sizes, group_offset, tiling=plan.fwd(*_dims(lhs, rhs, plan.transpose_rhs)),
                            out_dtype=plan.out_dtype, transpose_rhs=plan.transpose_rhs,
                            compute_dtype=plan.compute_dtype, interpret=plan.interpret)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _gmm(lhs, rhs, group_sizes, group_offset, plan: _Plan):
-    return _forward(lhs, rhs, group_sizes, group_offset, plan)
-
-
-def _gmm_fwd(lhs, rhs, group_sizes, group_offset, plan: _Plan):
-    return _forward(lhs, rhs, group_sizes, group_offset, plan), (lhs, rhs, group_sizes, group_offset)
-
-
-def _gmm_bwd(plan: _Plan, res, d_out):
-    lhs, rhs, group_sizes, group_offset = res
+def _backward(plan: _Plan, lhs, rhs, group_sizes, group_offset, d_out):
     m, k, n = _dims(lhs, rhs, plan.transpose_rhs)
     g = d_out.astype(plan.compute_dtype)
     d_lhs = kernel.gmm_call(g, rhs, group_sizes, group_offset, tiling=plan.dlhs(m, k, n), out_dtype=lhs.dtype,
@@ -170,6 +178,20 @@ def _gmm_bwd(plan: _Plan, res, d_out):
     d_rhs = kernel.tgmm_call(x, y, group_sizes, group_offset, num_local_groups=rhs.shape[0],
                              tiling=plan.drhs(m, k, n), out_dtype=rhs.dtype, compute_dtype=plan.compute_dtype,
                              interpret=plan.interpret)
+    return d_lhs, d_rhs
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _gmm(lhs, rhs, group_sizes, group_offset, plans: _Plans):
+    return plans.run(_forward, lhs, rhs, group_sizes, group_offset)
+
+
+def _gmm_fwd(lhs, rhs, group_sizes, group_offset, plans: _Plans):
+    return plans.run(_forward, lhs, rhs, group_sizes, group_offset), (lhs, rhs, group_sizes, group_offset)
+
+
+def _gmm_bwd(plans: _Plans, res, d_out):
+    d_lhs, d_rhs = plans.run(_backward, *res, d_out)
     return d_lhs, d_rhs, None, None
 
 
@@ -205,11 +227,14 @@ def _varying_axes(x) -> frozenset:
     return frozenset(mat.varying) if mat is not None else frozenset(getattr(aval, "vma", ()))
 
 
-def _vary_like(operands, others, *, interpret: bool):
+def _vary_like(operands, others, *, interpret: bool | None):
     """Inside a `jax.shard_map` (checked varying axes), make the differentiable operands vary over every mesh
     axis any of operands + others varies over, as jax does implicitly for its own ops: the custom_vjp's
     cotangents then have the operands' types, and the transpose of this cast sums d lhs over the shards
-    when lhs was replicated (e.g. tokens shared by all expert shards). A no-op outside shard_map."""
+    when lhs was replicated (e.g. tokens shared by all expert shards). A no-op outside shard_map.
+
+    interpret=True fails here with a clear error; with interpret=None the target is not known yet, so a
+    lowering for the interpreter fails later, in jax's own varying-axes check."""
     axes = frozenset().union(*(_varying_axes(x) for x in (*operands, *others)))
     if not axes or not hasattr(jax.lax, "pcast"):
         return operands
@@ -226,9 +251,10 @@ def _vary_like(operands, others, *, interpret: bool):
     return tuple(out)
 
 
-def _resolve_tiles(tiling: Tiling, m, k, n, *, num_groups, dtype, out_dtype, interpret) -> Tiles:
+def _given_tiles(tiling: Tiling, m, k, n) -> Tiles | None:
+    """The tiles that `tiling` gives (None when it is None: `choose_tiling` per target)."""
     if tiling is None:
-        return choose_tiling(m, k, n, num_groups=num_groups, dtype=dtype, out_dtype=out_dtype, interpret=interpret)
+        return None
     tiles = tiling(m, k, n) if callable(tiling) else tiling
     if tiles is None or len(tiles) != 3:
         raise ValueError(f"tiling must give (tm, tk, tn), got {tiles!r}")
@@ -248,13 +274,16 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, tiling: Tilin
         tiles along the same dims), a function (m, k, n) -> (tm, tk, tn), or None for `choose_tiling`.
     preferred_element_type: output dtype (default lhs.dtype); accumulation is fp32 either way.
     group_offset: first local group (int or traced scalar, e.g. from `jax.lax.axis_index` under shard_map).
-    interpret: run the kernel in Pallas interpret mode; None = whenever the default backend is not a TPU.
+    interpret: True runs the Pallas interpreter, False the Mosaic TPU kernel, None chooses by the platform
+        being lowered for (the Mosaic kernel for TPU, also in an AOT compile from a CPU host); user tiles
+        must then be legal TPU blocks.
 
     Returns [M, N]; rows of non-local groups and rows past sum(group_sizes) are zero. Gradients flow to lhs
     and rhs (`jax.grad` / `jax.vjp`), not to group_sizes / group_offset.
 
     Under `jax.shard_map` the compiled TPU kernel works with the varying-axes check on; interpret mode needs
-    `check_vma=False` there (jax 0.10's Pallas interpreter fails the check; a clear error says so)."""
+    `check_vma=False` there (jax 0.10's Pallas interpreter fails the check: with interpret=True a clear error
+    says so at trace time, with interpret=None jax's check fails when lowering for the interpreter)."""
     _check_operands(lhs, rhs, group_sizes, 3, "gmm")
     m, k, n = _dims(lhs, rhs, transpose_rhs)
     k_rhs = rhs.shape[2] if transpose_rhs else rhs.shape[1]
@@ -263,16 +292,23 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, tiling: Tilin
                          f"(transpose_rhs={transpose_rhs})")
     if rhs.shape[0] > group_sizes.shape[0]:
         raise ValueError(f"gmm: rhs has {rhs.shape[0]} groups but group_sizes only {group_sizes.shape[0]}")
-    interpret = default_interpret() if interpret is None else bool(interpret)
     out_dtype = jnp.dtype(lhs.dtype if preferred_element_type is None else preferred_element_type)
     cd = _compute_dtype(lhs, rhs)
-    tiles = _resolve_tiles(tiling, m, k, n, num_groups=rhs.shape[0], dtype=cd, out_dtype=out_dtype,
-                           interpret=interpret)
-    plan = _Plan(tiles, out_dtype, cd, bool(transpose_rhs), interpret)
-    plan.fwd(m, k, n), plan.dlhs(m, k, n), plan.drhs(m, k, n)  # fail here, not inside a trace of the backward
+    given = _given_tiles(tiling, m, k, n)
+
+    def plan(target: bool) -> _Plan | None:
+        if interpret is not None and bool(interpret) != target:
+            return None
+        tiles = given or choose_tiling(m, k, n, num_groups=rhs.shape[0], dtype=cd, out_dtype=out_dtype,
+                                       interpret=target)
+        p = _Plan(tiles, out_dtype, cd, bool(transpose_rhs), target)
+        p.fwd(m, k, n), p.dlhs(m, k, n), p.drhs(m, k, n)  # fail here, not inside a trace of the backward
+        return p
+
+    plans = _Plans(mosaic=plan(False), interpreter=plan(True))
     group_sizes, group_offset = group_sizes.astype(jnp.int32), _offset(group_offset)
     lhs, rhs = _vary_like((lhs, rhs), (group_sizes, group_offset), interpret=interpret)
-    return _gmm(lhs, rhs, group_sizes, group_offset, plan)
+    return _gmm(lhs, rhs, group_sizes, group_offset, plans)
 
 
 def tgmm(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *, tiling: Tiling = None,
@@ -283,8 +319,8 @@ def tgmm(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *, tiling: Til
 
     lhs: [K, M] (as in megablox; the kernel reads it as [M, K], so pass `x.T` of a row-major x: the
     double transpose cancels under jit), grad: [M, N], group_sizes [G] int. Returns [GL, K, N] of
-    preferred_element_type; empty groups give zeros. tiling: (tm, tk, tn) along M, K, N. Not differentiable
-    (use `gmm` for that)."""
+    preferred_element_type; empty groups give zeros. tiling: (tm, tk, tn) along M, K, N. interpret: as in
+    `gmm`. Not differentiable (use `gmm` for that)."""
     _check_operands(lhs, grad, group_sizes, 2, "tgmm")
     k, m = lhs.shape
     if grad.shape[0] != m:
@@ -292,11 +328,16 @@ def tgmm(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *, tiling: Til
     gl = group_sizes.shape[0] if num_local_groups is None else int(num_local_groups)
     if not 1 <= gl <= group_sizes.shape[0]:
         raise ValueError(f"tgmm: num_local_groups={gl} must be in [1, {group_sizes.shape[0]}]")
-    interpret = default_interpret() if interpret is None else bool(interpret)
     n = grad.shape[1]
     cd = _compute_dtype(lhs, grad)
     out_dtype = jnp.dtype(preferred_element_type)
-    tiles = _resolve_tiles(tiling, m, k, n, num_groups=gl, dtype=cd, out_dtype=out_dtype, interpret=interpret)
-    return kernel.tgmm_call(lhs.T, grad, group_sizes.astype(jnp.int32), _offset(group_offset),
-                            num_local_groups=gl, tiling=_legal(tiles, (m, k, n), interpret, "tgmm"),
-                            out_dtype=out_dtype, compute_dtype=cd, interpret=interpret)
+    given = _given_tiles(tiling, m, k, n)
+    targets = (False, True) if interpret is None else (bool(interpret),)
+    tiles = {t: _legal(given or choose_tiling(m, k, n, num_groups=gl, dtype=cd, out_dtype=out_dtype, interpret=t),
+                       (m, k, n), t, "tgmm") for t in targets}  # every target's, checked before tracing
+
+    def run(x, y, sizes, offset, *, interpret: bool):
+        return kernel.tgmm_call(x, y, sizes, offset, num_local_groups=gl, tiling=tiles[interpret],
+                                out_dtype=out_dtype, compute_dtype=cd, interpret=interpret)
+
+    return on_target(interpret, run, lhs.T, grad, group_sizes.astype(jnp.int32), _offset(group_offset))

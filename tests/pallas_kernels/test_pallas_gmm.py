@@ -15,7 +15,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import ernie_jax
-from pallas_kernels.gmm import choose_tiling, default_interpret, gmm, tgmm
+from pallas_kernels.gmm import choose_tiling, gmm, tgmm
 from pallas_kernels.gmm import kernel as K
 from pallas_kernels.gmm.ops import VMEM_BUDGET, vmem_bytes
 from pallas_kernels.gmm.reference import gmm_numpy, gmm_reference, tgmm_numpy, tgmm_reference
@@ -237,20 +237,38 @@ def test_tgmm_public_api():
     _close(local, tgmm_reference(lhs.T, ct, gs, group_offset=1, num_local_groups=3), 1e-5)
 
 
-def test_defaults_interpret_off_tpu_and_callable_tiling():
-    assert default_interpret() == (jax.default_backend() != "tpu")
+def test_default_interpret_runs_the_interpreter_on_cpu_and_callable_tiling():
+    """interpret left at None: eagerly and under jit (where both targets are traced and lowering keeps the
+    CPU one), forward and both backward kernels, against the numpy loops. The TPU side of the same default:
+    tests/tpu_aot/test_gmm_aot.py."""
     seen = []
 
     def lut(m, k, n):
         seen.append((m, k, n))
         return (32, 512, 512)  # larger than the dims: clamped
 
-    lhs, rhs, _ = _operands(64, 16, 8, 2, seed=7)
+    lhs, rhs, ct = _operands(64, 16, 8, 2, seed=7)
     sizes = jnp.array([30, 34], jnp.int32)
-    out = gmm(lhs, rhs, sizes, tiling=lut)  # interpret=None: interpret mode on CPU
-    assert seen == [(64, 16, 8)]
-    _close(out, gmm_numpy(lhs, rhs, np.asarray(sizes)), 1e-5)
+    np_sizes = np.asarray(sizes)
+    out = gmm(lhs, rhs, sizes, tiling=lut)
+    assert seen == [(64, 16, 8)]  # called once, its tiles serve both targets
+    _close(out, gmm_numpy(lhs, rhs, np_sizes), 1e-5)
     assert gmm(lhs[:0], rhs, jnp.zeros(2, jnp.int32)).shape == (0, 8)
+    jit_out, d_lhs, d_rhs = _value_and_vjp(functools.partial(gmm, group_sizes=sizes), lhs, rhs, ct)
+    _close(jit_out, gmm_numpy(lhs, rhs, np_sizes), 1e-5, "out")
+    _close(d_lhs, gmm_numpy(ct, rhs, np_sizes, transpose_rhs=True), 1e-5, "d_lhs")
+    _close(d_rhs, tgmm_numpy(lhs.T, ct, np_sizes), 1e-5, "d_rhs")
+    _close(jax.jit(lambda a, g: tgmm(a.T, g, sizes))(lhs, ct), tgmm_numpy(lhs.T, ct, np_sizes), 1e-5, "tgmm")
+
+
+def test_default_interpret_needs_tiles_legal_on_tpu():
+    """With interpret=None the call may lower to the Mosaic kernel, so user tiles must be legal TPU blocks
+    (checked before tracing); interpret=True takes any positive tiles."""
+    lhs, rhs, _ = _operands(64, 256, 256, 2, seed=8)
+    sizes = jnp.array([30, 34], jnp.int32)
+    with pytest.raises(ValueError, match="not a legal TPU block"):
+        gmm(lhs, rhs, sizes, tiling=(12, 256, 256))
+    assert gmm(lhs, rhs, sizes, tiling=(12, 256, 256), interpret=True).shape == (64, 256)
 
 
 # --- the MoE layer: moe_gmm_impl = "pallas" vs "ragged_dot" ----------------------------------------------

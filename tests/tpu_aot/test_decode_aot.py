@@ -46,7 +46,7 @@ import ernie_jax  # noqa: E402
 from ernie_jax.inference import bytes_per_token  # noqa: E402
 from ernie_jax.inference.engine import _decode_chunk, _init  # noqa: E402
 from ernie_jax.model import abstract_model  # noqa: E402
-from ernie_jax.sharding.topology import libtpu_missing, virtual_tpu_devices  # noqa: E402
+from tpu_topology import libtpu_missing, virtual_tpu_devices  # noqa: E402
 
 _MISSING = libtpu_missing()
 pytestmark = [pytest.mark.tpu_aot, pytest.mark.skipif(_MISSING is not None, reason=_MISSING or "")]

@@ -26,7 +26,7 @@ import pytest  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from pallas_kernels.flashmask import causal_document_mask, flashmask_attention  # noqa: E402
-from ernie_jax.sharding.topology import libtpu_missing, virtual_tpu_devices  # noqa: E402
+from tpu_topology import libtpu_missing, virtual_tpu_devices  # noqa: E402
 
 
 _MISSING = libtpu_missing()

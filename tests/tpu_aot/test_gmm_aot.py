@@ -8,6 +8,9 @@ with the experts split over the 4 chips. A Mosaic kernel cannot be auto-partitio
 each chip holds 16 experts and runs only their rows (`group_offset` = 16 * axis_index); the token rows
 are replicated and the partial outputs summed over the chips (ring-of-experts layout).
 
+Every call leaves `interpret` at its default: the kernels choose Mosaic vs the Pallas interpreter when
+lowering, so these compiles for TPU from a CPU host get the Mosaic kernels.
+
 Checks: the compiled program is a TPU one with one Mosaic custom call per kernel (1 forward, 3 forward +
 backward); `memory_analysis()` arguments / outputs are exactly the per-chip operand / result bytes; the
 scratch is small next to them (no dense [G, M, K] expansion as in ragged_dot's fallback). The table of
@@ -29,8 +32,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
-from pallas_kernels.gmm import choose_tiling, gmm  # noqa: E402
-from ernie_jax.sharding.topology import libtpu_missing, virtual_tpu_devices  # noqa: E402
+from pallas_kernels.gmm import choose_tiling, gmm, tgmm  # noqa: E402
+from tpu_topology import libtpu_missing, virtual_tpu_devices  # noqa: E402
 
 
 _MISSING = libtpu_missing()
@@ -78,7 +81,8 @@ def compile_case(c: Case):
 
     def local_out(lhs, rhs_local, sizes):
         off = jax.lax.axis_index(AXIS) * local
-        return gmm(lhs, rhs_local, sizes, group_offset=off, preferred_element_type=jnp.float32, interpret=False)
+        # the default call (no `interpret`), as the MoE layer makes it: Mosaic because lowered for TPU
+        return gmm(lhs, rhs_local, sizes, group_offset=off, preferred_element_type=jnp.float32)
 
     if c.mode == "forward":
         fn = jax.shard_map(lambda *a: jax.lax.psum(local_out(*a), AXIS), mesh=mesh,
@@ -153,6 +157,28 @@ def test_gmm_aot_compile(case: Case):
     assert m.temp_size_in_bytes <= 4 * _nbytes((case.rows, case.width), jnp.float32) + 16 * MIB
     kind = topology_mesh(case.topology).devices.flat[0].device_kind
     assert args + outs + m.temp_size_in_bytes < HBM_GIB[kind] * 2**30
+
+
+def test_default_call_lowers_the_mosaic_kernel_from_a_cpu_host():
+    """gmm and tgmm without `interpret`, jitted for one chip of a TPU topology on this CPU host: the program
+    holds the Mosaic kernels (forward, d lhs, d rhs of gmm; tgmm), not the Pallas interpreter (no custom call),
+    which a choice by `jax.default_backend()` ("cpu" here) at trace time would have lowered."""
+    assert jax.default_backend() == "cpu"
+    chip = jax.sharding.SingleDeviceSharding(virtual_tpu_devices("v6e:2x2")[0])  # Mosaic is not partitioned
+    m, k, n, g = 512, 256, 256, 8
+
+    def f(lhs, rhs, sizes, ct):
+        out, vjp = jax.vjp(lambda a, b: gmm(a, b, sizes, preferred_element_type=jnp.float32), lhs, rhs)
+        return out, vjp(ct), tgmm(lhs.T, ct, sizes)
+
+    args = [jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((g, k, n), jnp.bfloat16),
+            jax.ShapeDtypeStruct((g,), jnp.int32), jax.ShapeDtypeStruct((m, n), jnp.float32)]
+    with jax.default_matmul_precision(None):  # as in training (tests/conftest.py sets "highest")
+        lowered = jax.jit(f, in_shardings=chip, out_shardings=chip).lower(*args)
+        stablehlo = lowered.as_text()
+        assert stablehlo.count("@tpu_custom_call") == 4, stablehlo.count("custom_call")
+        compiled = lowered.compile()
+    assert compiled.as_text().count('custom_call_target="tpu_custom_call"') == 4
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 import ernie_jax  # noqa: E402
 from ernie_jax.model import abstract_model  # noqa: E402
 from ernie_jax.sharding import MeshConfig, activate, make_mesh, param_shardings, resolve_rules  # noqa: E402
-from ernie_jax.sharding.topology import libtpu_missing, virtual_tpu_devices  # noqa: E402
+from tpu_topology import libtpu_missing, virtual_tpu_devices  # noqa: E402
 
 
 _MISSING = libtpu_missing()

@@ -1,4 +1,4 @@
-"""Virtual TPU topologies for ahead-of-time compilation on a host without a TPU (MaxText's
+"""Virtual TPU topologies for the tpu_aot tests: ahead-of-time compilation on a host without a TPU (MaxText's
 train_compile trick): with libtpu installed (`pip install "jax[tpu]"`), `virtual_tpu_devices("v5p:2x2x1")`
 gives compile-only TPU devices to build a mesh on; `jax.jit(...).lower(...).compile()` then runs the real
 TPU compiler and `memory_analysis()` reports per-chip memory.
