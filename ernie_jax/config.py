@@ -105,7 +105,6 @@ class ErnieConfig:
     moe_layer_end_index: int = -1  # -1 -> num_hidden_layers - 1
     moe_layer_interval: int = 1
     moe_norm_min: float = 1e-12
-    router_aux_loss_coef: float = 0.001
     num_nextn_predict_layers: int = 0  # MTP depth
 
     # --- vision-language ---
@@ -260,6 +259,7 @@ _IGNORED_KEYS = {
     "use_rmsnorm", "fuse_rms_norm", "fuse_attn_ffn", "compression_ratio", "freq_allocation", "rope_scaling",
     "attention_dropout", "hidden_dropout_prob", "attention_probs_dropout_prob", "weight_share_add_bias",
     "model_type", "rope_parameters", "rope_theta", "text_config", "vision_config", "initializer_range",
+    "router_aux_loss_coef",  # transformers' training loss weight; ours is LossConfig.aux_coef
 }
 _TEXT_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 _TEXT_OPTIONAL = ("num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps",
@@ -267,7 +267,7 @@ _TEXT_OPTIONAL = ("num_key_value_heads", "head_dim", "hidden_act", "max_position
                   "initializer_range")
 _MOE_KEYS = ("moe_num_experts", "moe_k", "moe_intermediate_size", "moe_num_shared_experts",
              "moe_layer_start_index", "moe_layer_end_index", "moe_layer_interval", "moe_norm_min",
-             "router_aux_loss_coef", "num_nextn_predict_layers")
+             "num_nextn_predict_layers")
 _MOE_ALIASES = {"num_experts": "moe_num_experts", "num_experts_per_tok": "moe_k"}
 _VL_TOKENS = ("image_token_id", "image_start_token_id", "image_end_token_id", "video_token_id",
               "video_start_token_id", "video_end_token_id")
@@ -406,8 +406,7 @@ def _to_hf_dict(c: ErnieConfig) -> dict[str, Any]:
         # MoE / VL configs in transformers have no head_dim field but read it with getattr when present.
         text["head_dim"] = c.head_dim
     moe = dict(moe_num_experts=c.moe_num_experts, moe_k=c.moe_k, moe_num_shared_experts=c.moe_num_shared_experts,
-               moe_norm_min=c.moe_norm_min, router_aux_loss_coef=c.router_aux_loss_coef,
-               output_router_logits=False)
+               moe_norm_min=c.moe_norm_min, output_router_logits=False)
     if c.model_type == "ernie4_5_moe":
         end = c.num_hidden_layers - 1 if c.moe_layer_end_index == -1 else c.moe_layer_end_index
         text.update(moe, moe_intermediate_size=c.moe_intermediate_size[0],

@@ -103,6 +103,21 @@ def test_unknown_keys_warn(caplog):
     assert "some_paddle_flag" in caplog.text
 
 
+def test_router_aux_loss_coef_is_passed_over_quietly(caplog):
+    """transformers' weight for its own training loss (ours: train.step.LossConfig.aux_coef): a config.json
+    carrying it (every released MoE / VL one does) loads without a warning, and exports leave it to
+    transformers' default."""
+    d = json.load(open(_ref("ernie-4.5-21b-a3b/config.json")))
+    vl = json.load(open(_ref("ernie-4.5-vl-28b-a3b/config.json")))
+    assert d["router_aux_loss_coef"] == vl["text_config"]["router_aux_loss_coef"] == 0.001
+    with caplog.at_level(logging.WARNING):
+        cfgs = [ErnieConfig.from_hf({**d, "router_aux_loss_coef": 0.5}), ErnieConfig.from_hf(vl)]
+    assert "router_aux_loss_coef" not in caplog.text
+    for cfg in cfgs:
+        hf = cfg.to_hf()
+        assert "router_aux_loss_coef" not in hf.get("text_config", hf)
+
+
 def test_head_dim_defaults_to_hidden_over_heads_for_moe():
     d = json.load(open(_ref("ernie-4.5-21b-a3b/config.json")))
     assert "head_dim" not in d

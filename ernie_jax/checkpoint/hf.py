@@ -1,29 +1,31 @@
 """transformers checkpoints <-> our parameter tree: `from_pretrained` / `save_pretrained`.
 
-A rule table per model family maps each transformers key (per layer, `{i}`) to a path in our state and
-gives the transform both ways (torch `nn.Linear` weights are [out, in]; ours are [in, ..., out] with
-heads split out). Per-layer tensors are stacked along our leading `layers` axis of the stack the layer
-belongs to. Loading checks every key and shape against the config before reading any tensor and
-reports all problems at once; saving writes to a temporary directory and moves the files into place,
-so an interrupted save leaves no half-written checkpoint.
+`param_rules` is the rule table of a whole model (`rules.Rule`: each transformers key, per layer `{i}`, to a
+path in our state with the transform both ways; vision / adapter rules from `hf_vision`); per-layer tensors
+stack along the leading `layers` axis of the stack the layer belongs to. `rules.load_tensors` /
+`rules.export_tensors` apply it. Loading checks every key and shape against the config before reading any
+tensor and reports all problems at once; saving writes to a temporary directory and moves the files into
+place, so an interrupted save leaves no half-written checkpoint.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
 import shutil
 import tempfile
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Mapping
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from ernie_jax.checkpoint.hf_vision import adapter_rules, vision_rules
+from ernie_jax.checkpoint.rules import CheckpointError, Rule, export_tensors, hf_shapes, load_tensors, shape_problems
+from ernie_jax.checkpoint.rules import identity as _ident
+from ernie_jax.checkpoint.rules import transpose as _t
 from ernie_jax.checkpoint.safetensors_io import SafetensorsFile, save_file, shard_groups
 from ernie_jax.config import ConfigError, ErnieConfig
 from ernie_jax.model.create import abstract_model
@@ -37,40 +39,6 @@ _ARCHITECTURES = {"ernie4_5": "Ernie4_5ForCausalLM", "ernie4_5_moe": "Ernie4_5_M
                   "ernie4_5_vl_moe": "Ernie4_5_VLMoeForConditionalGeneration"}
 # MTP weights (21B / 300B checkpoints): transformers drops them; we load them when the config has MTP depths.
 _MTP_PREFIX = "model.mtp_"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint does not match the model: the message names the keys and shapes."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Rule:
-    hf: str  # transformers key; "{i}" is the decoder layer index
-    ours: tuple[Any, ...]  # path in our nnx state
-    to_ours: Callable  # one HF tensor -> our tensor (one layer's slice for stacked params)
-    to_hf: Callable  # the inverse
-    layers: tuple[int, ...] | None = None  # HF layer indices stacked on our leading axis
-    experts: int | None = None  # "{e}" in `hf`: experts stacked on the next axis
-    keep_fp32: bool = False  # routers stay fp32 whatever the model's dtype (transformers does the same)
-    expert_offset: int = 0  # "{e}" counts from here (VL: vision experts follow the text experts on disk)
-    row: tuple[int, int] | None = None  # (r, n): this tensor is row r of an HF tensor stacking n (VL biases)
-
-    def keys(self) -> list[str]:
-        """The HF keys, in the order the tensors stack (layer-major, then expert)."""
-        return [self.hf.format(i=i, e=None if e is None else e + self.expert_offset)
-                for i in (self.layers if self.layers is not None else (None,))
-                for e in (range(self.experts) if self.experts is not None else (None,))]
-
-    def per_key_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
-        return shape[(self.layers is not None) + (self.experts is not None):]
-
-
-def _ident(x):
-    return x
-
-
-def _t(x):
-    return x.T
 
 
 def _dense_layer_rules(c: ErnieConfig) -> list[tuple[str, tuple[str, ...], Callable, Callable]]:
@@ -168,7 +136,6 @@ def param_rules(config: ErnieConfig) -> list[Rule]:
                               to_hf, layers, experts, fp32, offset, row))
         start += n
     if c.vision is not None:
-        from ernie_jax.checkpoint.hf_vision import adapter_rules, vision_rules  # (they import this module)
         rules += vision_rules(c.vision, ("vision",)) + adapter_rules(("adapter",))
     for d in range(c.num_nextn_predict_layers):
         rules += [Rule(f"model.mtp_emb_norm.{d}.weight", ("mtp", d, "emb_norm", "scale"), _ident, _ident),
@@ -181,8 +148,27 @@ def param_rules(config: ErnieConfig) -> list[Rule]:
 
 
 # ------------------------------------------------------------------------------------------ loading
-def _open_checkpoint(path: str) -> dict[str, SafetensorsFile]:
-    """key -> the file holding it, from `model.safetensors` or `model.safetensors.index.json`."""
+class _Checkpoint(Mapping):
+    """HF key -> array of a checkpoint directory, each read from its safetensors file when asked."""
+
+    def __init__(self, files: dict[str, SafetensorsFile]):
+        self._files = files  # key -> the file holding it
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self._files[key].get(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._files)
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: f.shape(k) for k, f in self._files.items()}
+
+
+def _open_checkpoint(path: str) -> _Checkpoint:
+    """The tensors of `model.safetensors` or of the shards `model.safetensors.index.json` lists."""
     index = os.path.join(path, "model.safetensors.index.json")
     single = os.path.join(path, "model.safetensors")
     if os.path.exists(index):
@@ -196,29 +182,18 @@ def _open_checkpoint(path: str) -> dict[str, SafetensorsFile]:
             if k not in files[fn].keys():
                 raise CheckpointError(f"{index}: maps {k!r} to {fn}, which does not contain it")
             out[k] = files[fn]
-        return out
+        return _Checkpoint(out)
     if os.path.exists(single):
         f = SafetensorsFile(single)
-        return {k: f for k in f.keys()}
+        return _Checkpoint({k: f for k in f.keys()})
     raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
 
 
-def _expected_shapes(rules: list[Rule], flat: dict) -> dict[str, tuple[int, ...]]:
-    out = {}
-    for r in rules:
-        v = flat[r.ours].get_value()
-        shape = jax.eval_shape(r.to_hf, jax.ShapeDtypeStruct(r.per_key_shape(v.shape), v.dtype)).shape
-        if r.row is not None:
-            shape = (r.row[1],) + tuple(shape)
-        out.update({k: tuple(shape) for k in r.keys()})
-    return out
-
-
-def check_checkpoint(files: dict[str, SafetensorsFile], config: ErnieConfig, rules: list[Rule],
-                     flat: dict, where: str) -> None:
-    """Raises CheckpointError listing every missing / unexpected key and shape mismatch."""
-    expected = _expected_shapes(rules, flat)
-    present = set(files)
+def _check_checkpoint(shapes: dict[str, tuple[int, ...]], config: ErnieConfig, expected: dict[str, tuple[int, ...]],
+                      where: str) -> None:
+    """Raises CheckpointError listing every missing / unexpected key and shape mismatch of `shapes`
+    (the checkpoint's HF key -> shape) against `expected` (what the config implies)."""
+    present = set(shapes)
     ignored = set()
     if not config.num_nextn_predict_layers:  # like transformers, drop MTP weights the model has no place for
         ignored |= {k for k in present if k.startswith(_MTP_PREFIX)}
@@ -226,17 +201,9 @@ def check_checkpoint(files: dict[str, SafetensorsFile], config: ErnieConfig, rul
         ignored |= {"lm_head.weight"} & present  # transformers re-ties it to the embedding
     if ignored:
         log.warning("%s: ignoring %d key(s) (as transformers does): %s", where, len(ignored), sorted(ignored)[:8])
-    problems = []
-    missing = sorted(set(expected) - present)
-    unexpected = sorted(present - set(expected) - ignored)
-    if missing:
-        problems.append(f"missing keys ({len(missing)}): {missing}")
-    if unexpected:
+    problems = shape_problems(expected, shapes)
+    if unexpected := sorted(present - set(expected) - ignored):
         problems.append(f"unexpected keys ({len(unexpected)}): {unexpected}")
-    for k in sorted(set(expected) & present):
-        if files[k].shape(k) != expected[k]:
-            problems.append(f"shape mismatch for {k!r}: checkpoint has {files[k].shape(k)}, the config "
-                            f"implies {expected[k]}")
     if problems:
         raise CheckpointError(f"{where} does not match its config ({config.model_type}, tied={c_tied}):\n  "
                               + "\n  ".join(problems))
@@ -257,26 +224,17 @@ def from_pretrained(path: str | os.PathLike, *, dtype: str = "float32", param_dt
         config = ErnieConfig.from_hf(path, dtype=dtype, param_dtype=param_dtype or dtype, **config_overrides)
     elif config_overrides:
         raise TypeError(f"from_pretrained: pass either config or config overrides, not both: {sorted(config_overrides)}")
-    files = _open_checkpoint(path)
-    graphdef, abs_state = nnx.split(abstract_model(config))
-    flat = dict(nnx.to_flat_state(abs_state))
+    tensors = _open_checkpoint(path)
+    model = abstract_model(config)
+    abs_state = nnx.state(model)
     prules = param_rules(config)
-    covered = {r.ours for r in prules}
-    assert covered == set(flat), f"rule table out of sync with the model: {set(flat) ^ covered}"
-    check_checkpoint(files, config, prules, flat, path)
+    shapes = tensors.shapes()
+    _check_checkpoint(shapes, config, hf_shapes(prules, dict(nnx.to_flat_state(abs_state))), path)
     shardings = None
     if mesh is not None:
-        shardings = dict(nnx.to_flat_state(param_shardings(abs_state, mesh, resolve_rules(rules or "fsdp"))))
-    new = {}
-    for r in prules:
-        target = flat[r.ours].get_value()  # shape and dtype (routers fp32, the rest param_dtype)
-        pick = (lambda a: a) if r.row is None else (lambda a: a[r.row[0]])  # noqa: E731
-        arr = np.stack([r.to_ours(pick(files[k].get(k))) for k in r.keys()]).reshape(target.shape)
-        arr = np.ascontiguousarray(arr.astype(np.dtype(target.dtype)))
-        value = jax.device_put(arr, shardings[r.ours].get_value()) if shardings else jnp.asarray(arr)
-        new[r.ours] = flat[r.ours].replace(value)
-    state = nnx.from_flat_state([(p, new[p]) for p, _ in nnx.to_flat_state(abs_state)])
-    return nnx.merge(graphdef, state)
+        shardings = {p: s.get_value() for p, s in
+                     nnx.to_flat_state(param_shardings(abs_state, mesh, resolve_rules(rules or "fsdp")))}
+    return load_tensors(model, prules, tensors, shapes=shapes, shardings=shardings)
 
 
 # ------------------------------------------------------------------------------------------- saving
@@ -286,19 +244,7 @@ def save_pretrained(model: nnx.Module, out_dir: str | os.PathLike, *, dtype: str
     loads. dtype: storage dtype of the written tensors (default: the parameters' dtype)."""
     config: ErnieConfig = model.config
     out_dir = os.fspath(out_dir)
-    flat = dict(nnx.to_flat_state(nnx.state(model)))
-    tensors: dict[str, np.ndarray] = {}
-    for r in param_rules(config):
-        arr = np.asarray(jax.device_get(flat[r.ours].get_value()))
-        if dtype is not None and not r.keep_fp32:
-            arr = arr.astype(jnp.dtype(dtype))
-        keys = r.keys()
-        for k, a in zip(keys, arr.reshape((len(keys),) + r.per_key_shape(arr.shape))):
-            if r.row is None:
-                tensors[k] = np.ascontiguousarray(r.to_hf(a))
-            else:  # rows of one HF tensor come from several of our tensors
-                a = r.to_hf(a)
-                tensors.setdefault(k, np.zeros((r.row[1],) + a.shape, a.dtype))[r.row[0]] = a
+    tensors = export_tensors(model, param_rules(config), dtype=dtype)
     saved_dtype = str(jnp.dtype(dtype or config.param_dtype))
     hf_config = {**config.to_hf(), "architectures": [_ARCHITECTURES[config.model_type]], "dtype": saved_dtype}
 

@@ -6,32 +6,23 @@ Two spellings of the same tensors:
 * "memory": transformers' module names after its load-time renaming (`model.vision_tower.*`,
   `model.resampler_model.spatial_linear.{fc1,fc2,ln}.*`), i.e. `state_dict()` keys.
 torch `nn.Linear` weights are [out, in]; ours are [in, ..., out] with the fused qkv split as [Hv, 3, N, D].
+`rules.load_tensors` / `rules.export_tensors` apply these lists (the "memory" layout: to transformers modules
+in memory, as the parity tests do).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import Callable
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
-
-from ernie_jax.checkpoint.hf import CheckpointError, Rule
+from ernie_jax.checkpoint.rules import Rule
+from ernie_jax.checkpoint.rules import identity as _ident
+from ernie_jax.checkpoint.rules import transpose as _t
 from ernie_jax.config import VisionConfig
 
 LAYOUTS = ("hub", "memory")
 _VISION_PREFIX = {"hub": "model.vision_model", "memory": "model.vision_tower"}
 _MERGE_LINEAR = {"hub": ("0", "2", "3"), "memory": ("fc1", "fc2", "ln")}  # fc1, fc2, LayerNorm
 RESAMPLER_PREFIX = "model.resampler_model"
-
-
-def _ident(x):
-    return x
-
-
-def _t(x):
-    return x.T
 
 
 def _check_layout(layout: str) -> None:
@@ -88,42 +79,3 @@ def adapter_rules(ours_prefix: tuple = ("adapter",), *, layout: str = "hub") -> 
               Rule(f"{hf}.mlp.bias", ours_prefix + ("proj_bias",), _ident, _ident),
               Rule(f"{hf}.after_norm.weight", ours_prefix + ("after_norm", "scale"), _ident, _ident)]
     return rules
-
-
-def load_tensors(module: nnx.Module, rules: list[Rule], tensors: Mapping[str, np.ndarray]) -> nnx.Module:
-    """`module` (abstract or not) with every parameter read from `tensors` (HF key -> array) by `rules`
-    (whose paths are relative to `module`: build them with `ours_prefix=()`). Raises CheckpointError
-    naming missing keys and shape mismatches."""
-    graphdef, state = nnx.split(module)
-    flat = dict(nnx.to_flat_state(state))
-    if {r.ours for r in rules} != set(flat):
-        raise ValueError(f"rules do not cover the module: {sorted(map(str, {r.ours for r in rules} ^ set(flat)))}")
-    missing = sorted(k for r in rules for k in r.keys() if k not in tensors)
-    if missing:
-        raise CheckpointError(f"missing keys ({len(missing)}): {missing}")
-    bad = []
-    for r in rules:
-        target = flat[r.ours].get_value()
-        want = jax.eval_shape(r.to_hf, jax.ShapeDtypeStruct(r.per_key_shape(target.shape), target.dtype)).shape
-        bad += [f"{k!r}: shape {np.shape(tensors[k])}, the config implies {tuple(want)}" for k in r.keys()
-                if np.shape(tensors[k]) != tuple(want)]
-    if bad:
-        raise CheckpointError(f"shape mismatch ({len(bad)}): " + "; ".join(bad))
-    new = {}
-    for r in rules:
-        target = flat[r.ours].get_value()
-        arr = np.stack([np.asarray(r.to_ours(np.asarray(tensors[k]))) for k in r.keys()])
-        new[r.ours] = flat[r.ours].replace(jnp.asarray(arr.reshape(target.shape), target.dtype))
-    return nnx.merge(graphdef, nnx.from_flat_state([(p, new[p]) for p in flat]))
-
-
-def export_tensors(module: nnx.Module, rules: list[Rule]) -> dict[str, np.ndarray]:
-    """HF key -> array of every parameter of `module` by `rules` (paths relative to `module`)."""
-    flat = dict(nnx.to_flat_state(nnx.state(module)))
-    out = {}
-    for r in rules:
-        arr = np.asarray(flat[r.ours].get_value())
-        keys = r.keys()
-        for k, a in zip(keys, arr.reshape((len(keys),) + r.per_key_shape(arr.shape))):
-            out[k] = np.ascontiguousarray(r.to_hf(a))
-    return out

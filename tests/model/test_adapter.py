@@ -124,7 +124,8 @@ def hf_resampler():
     from transformers.models.ernie4_5_vl_moe.modeling_ernie4_5_vl_moe import (
         Ernie4_5_VLMoeVariableResolutionResamplerModel)
 
-    from ernie_jax.checkpoint.hf_vision import adapter_rules, load_tensors
+    from ernie_jax.checkpoint.hf_vision import adapter_rules
+    from ernie_jax.checkpoint.rules import load_tensors
 
     cfg = Ernie4_5_VLMoeConfig(
         text_config=dict(hidden_size=H_TEXT, rms_norm_eps=EPS, num_attention_heads=2, num_key_value_heads=1,

@@ -198,7 +198,8 @@ def hf_vision():
     from transformers.models.ernie4_5_vl_moe.modeling_ernie4_5_vl_moe import (
         Ernie4_5_VLMoeVisionTransformerPretrainedModel)
 
-    from ernie_jax.checkpoint.hf_vision import load_tensors, vision_rules
+    from ernie_jax.checkpoint.hf_vision import vision_rules
+    from ernie_jax.checkpoint.rules import load_tensors
 
     cfg = Ernie4_5_VLMoeVisionConfig(depth=VCFG.depth, hidden_size=VCFG.hidden_size, num_heads=VCFG.num_heads,
                                      intermediate_size=VCFG.intermediate_size, patch_size=VCFG.patch_size,
