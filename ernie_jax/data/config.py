@@ -115,10 +115,14 @@ class DataConfig:
     def replace(self, **changes) -> "DataConfig":
         return dataclasses.replace(self, **changes)
 
+    def _stream_fields(self) -> dict[str, Any]:
+        """The fields that define the global stream (all but the loader knobs), JSON-able."""
+        return {k: v for k, v in dataclasses.asdict(self).items()
+                if k not in ("worker_count", "worker_buffer_size", "read_threads", "docs_per_read")}
+
     def fingerprint(self) -> str:
         """A hash of everything that defines the global stream (not the loader knobs)."""
-        stream = {k: v for k, v in dataclasses.asdict(self).items()
-                  if k not in ("worker_count", "worker_buffer_size", "read_threads", "docs_per_read")}
+        stream = self._stream_fields()
         # a source is identified by its file name and size, not its directory: a checkpoint restores
         # against a copy of the data elsewhere
         stream["sources"] = [dict(s, path=os.path.basename(s["path"]), size=_size(s["path"]))

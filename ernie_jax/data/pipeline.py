@@ -110,17 +110,16 @@ class PipelineIterator(PackedIterator):
         return [chunks_of(int(g), self.loader.tokens(int(g)), self.cfg.seq_len)[int(k)] for g, k in saved]
 
 
-def make_pipeline(data_config: Any = None, *, process_index: int = 0, process_count: int = 1
-                  ) -> PipelineIterator:
+def make_pipeline(data_config: Any, *, process_index: int = 0, process_count: int = 1) -> PipelineIterator:
     """The per-process iterator over packed global batches (see the module doc).
 
-    `data_config`: a `DataConfig`, a dict for `DataConfig.from_dict`, or None for the embedded default data
-    (generated on first use). Each item is a dict of numpy arrays, for R = global_batch_size /
-    process_count rows: `tokens`, `targets`, `segment_ids`, `positions`, `loss_mask` [R, seq_len] int32 and
-    `sample_ids` [R, max_docs_per_row] int64. `get_state()` / `set_state()` round-trip a JSON-able dict that
-    restores under any `process_count`.
+    `data_config`: a `DataConfig` or a dict for `DataConfig.from_dict` (the embedded toy corpus:
+    `ernie_jax.synthetic.text.default_data_config()`). Each item is a dict of numpy arrays, for
+    R = global_batch_size / process_count rows: `tokens`, `targets`, `segment_ids`, `positions`, `loss_mask`
+    [R, seq_len] int32 and `sample_ids` [R, max_docs_per_row] int64. `get_state()` / `set_state()`
+    round-trip a JSON-able dict that restores under any `process_count`.
     """
     if data_config is None:
-        from ernie_jax.data.synthetic import default_data_config
-        data_config = default_data_config()
+        raise DataConfigError("make_pipeline needs a data config (a DataConfig or a dict); for the embedded toy "
+                              "corpus pass ernie_jax.synthetic.text.default_data_config()")
     return PipelineIterator(as_data_config(data_config), process_index, process_count)

@@ -1,129 +1,16 @@
-"""Evaluation on the embedded corpora during and after training: held-out LM loss, and answer accuracy by
-greedy completion of held-out prompts with checkable answers: arithmetic / algorithmic tasks (text), or
-questions about rendered images (VQA, for VL models).
+"""Generic evaluation during and after training: the LM loss over held-out packed batches.
 
-One recipe for both: `make_eval_fn` / `make_vqa_eval_fn` build an `eval_fn(model, step) -> metrics` from a
-task's `_Task` (how to pick examples, answer them greedily and check the answers) and the held-out
-batches; `print_samples` / `print_vqa_samples` show a few answers. Answers are decoded by the KV-cache
-engine (`ernie_jax.generate`); the printed samples can go through MTP speculative decoding, whose greedy
-answers are the plain ones, and then report how many drafts were accepted.
+Task accuracy on the embedded toy corpora (greedy answers to held-out prompts) is `ernie_jax.synthetic.tasks`.
 """
 
 from __future__ import annotations
-
-import dataclasses
-import itertools
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ernie_jax.data import make_pipeline, synthetic
-from ernie_jax.data.tokenizer import SentencePieceTokenizer
-from ernie_jax.inference import generate
 from ernie_jax.losses import token_cross_entropy
-
-
-def _round_robin(examples: list[dict], n: int) -> list[dict]:
-    """The first n examples taking one task after the other (deterministic)."""
-    by_task: dict[str, list[dict]] = {}
-    for e in examples:
-        by_task.setdefault(e["task"], []).append(e)
-    return [e for group in itertools.zip_longest(*by_task.values()) for e in group if e is not None][:n]
-
-
-def pick_examples(n: int) -> list[dict]:
-    """n held-out text examples with answers, round-robin over the tasks."""
-    return _round_robin([e for e in synthetic.load_examples("heldout") if e["answer"]], n)
-
-
-def pick_vqa_examples(n: int) -> list[dict]:
-    """n held-out VQA examples, round-robin over the question types."""
-    from ernie_jax.data import synthetic_vqa  # noqa: PLC0415 (PIL only for VL runs)
-    return _round_robin(synthetic_vqa.load_examples("heldout"), n)
-
-
-def _completion(tok: SentencePieceTokenizer, prompt: list[int], new: list[int]) -> str:
-    """The text the new tokens add to the prompt. Decoding them alone would drop a leading space (the
-    sentencepiece word marker), so decode prompt + new and cut the decoded prompt off. Ids past the
-    tokenizer's pieces (image / video tokens) are left out."""
-    text = lambda ids: [i for i in ids if i < tok.vocab_size]  # noqa: E731
-    prompt, new = text(prompt), text(new)
-    before = tok.decode(prompt)
-    after = tok.decode(prompt + new)
-    return after[len(before):] if after.startswith(before) else tok.decode(new)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Task:
-    pick: Callable[[int], list[dict]]  # n -> held-out examples
-    # (model, data config, examples, max new tokens or None, speculative, stats or None) -> greedy completions
-    answer: Callable[[nnx.Module, object, list[dict], int | None, str | None, dict | None], list[str]]
-    check: Callable[[dict, str], bool]
-    describe: Callable[[dict], str]  # the prompt, for printing
-    chance: dict[str, float] | None = None  # per task: the best image-blind (answer-prior) accuracy
-
-
-_COUNTERS = ("generated_tokens", "forwards", "accepted")  # the engine's, summed over `_greedy` calls
-
-
-def _greedy(model: nnx.Module, prompts: list, max_new: int, eos: int, speculative: str | None,
-            stats: dict | None) -> list[list[int]]:
-    """Each prompt's greedy new tokens without the eos (the engine keeps it); adds the engine's counters to
-    `stats` when given."""
-    summary: dict = {}
-    outs = generate(model, prompts, max_new_tokens=max_new, eos_token_id=eos, speculative=speculative,
-                    stats=summary)
-    if stats is not None:
-        for k in _COUNTERS:
-            stats[k] = stats.get(k, 0) + summary[k]
-    return [o[:-1] if o and o[-1] == eos else o for o in outs]
-
-
-def _rates(stats: dict) -> dict:
-    """The summed counters plus the engine's speculative rates over them: accepted drafts per draft, and
-    generated tokens per main-model decode forward."""
-    fw = max(stats.get("forwards", 0), 1)
-    return dict(stats, acceptance_rate=stats.get("accepted", 0) / fw,
-                tokens_per_forward=(stats.get("forwards", 0) + stats.get("accepted", 0)) / fw)
-
-
-def _text_answers(model: nnx.Module, data_cfg, examples: list[dict], max_new: int | None,
-                  speculative: str | None = None, stats: dict | None = None) -> list[str]:
-    tok = SentencePieceTokenizer(data_cfg.tokenizer)
-    prompts = [([tok.bos_id] if data_cfg.add_bos else []) + tok.encode(e["prompt"]).tolist() for e in examples]
-    max_new = max_new or max(len(tok.encode(e["answer"])) for e in examples) + 2
-    outs = _greedy(model, prompts, max_new, tok.eos_id, speculative, stats)
-    return [_completion(tok, p, o) for p, o in zip(prompts, outs)]
-
-
-def _vqa_answers(model: nnx.Module, data_cfg, examples: list[dict], max_new: int | None,
-                 speculative: str | None = None, stats: dict | None = None) -> list[str]:
-    from ernie_jax.data.multimodal import encode_example_prompt  # noqa: PLC0415
-    tok = SentencePieceTokenizer(data_cfg.tokenizer)
-    prompts = [encode_example_prompt(e, data_cfg) for e in examples]
-    out: list[str] = [""] * len(examples)
-    by_task: dict[str, list[int]] = {}
-    for i, e in enumerate(examples):
-        by_task.setdefault(e["task"], []).append(i)
-    for idx in by_task.values():  # per question type: short answers do not decode for as long as captions
-        n_new = max_new or max(len(tok.encode(examples[i]["answer"])) for i in idx) + 2
-        outs = _greedy(model, [prompts[i] for i in idx], n_new, tok.eos_id, speculative, stats)
-        for i, o in zip(idx, outs):
-            out[i] = _completion(tok, prompts[i].input_ids.tolist(), o)
-    return out
-
-
-def _text_task() -> _Task:
-    return _Task(pick_examples, _text_answers, synthetic.check_answer, lambda e: repr(e["prompt"]))
-
-
-def _vqa_task() -> _Task:
-    from ernie_jax.data import synthetic_vqa  # noqa: PLC0415
-    describe = lambda e: repr(" ".join(s["text"] if "text" in s else "<image>" for s in e["segments"]))  # noqa: E731
-    return _Task(pick_vqa_examples, _vqa_answers, synthetic_vqa.check_vqa_answer, describe, synthetic_vqa.CHANCE)
 
 
 def heldout_loss(model: nnx.Module, batches: list[dict], keys: tuple[str, ...]) -> float:
@@ -140,72 +27,3 @@ def heldout_loss(model: nnx.Module, batches: list[dict], keys: tuple[str, ...]) 
                                                                            "segment_ids") + keys})) * m))
         cnt += float(m.sum())
     return tot / max(cnt, 1.0)
-
-
-def _make_eval_fn(task: _Task, data_cfg, batches: list[dict], keys: tuple[str, ...], n_examples: int
-                  ) -> Callable[[nnx.Module, int], dict[str, float]]:
-    examples = task.pick(n_examples)
-
-    def eval_fn(model: nnx.Module, step: int) -> dict[str, float]:
-        metrics: dict[str, float] = {}
-        if batches:
-            metrics["eval/loss"] = heldout_loss(model, batches, keys)
-        if examples:
-            hits: dict[str, list[bool]] = {}
-            for e, got in zip(examples, task.answer(model, data_cfg, examples, None, None, None)):
-                hits.setdefault(e["task"], []).append(task.check(e, got))
-            for name, h in sorted(hits.items()):
-                metrics[f"eval/acc_{name}"] = float(np.mean(h))
-            metrics["eval/accuracy"] = float(np.mean([x for h in hits.values() for x in h]))
-            if task.chance is not None:
-                metrics["eval/chance"] = float(np.mean([task.chance[e["task"]] for e in examples]))
-        return metrics
-
-    return eval_fn
-
-
-def make_eval_fn(data_cfg, heldout_cfg, n_examples: int, lm_batches: int = 4
-                 ) -> Callable[[nnx.Module, int], dict[str, float]]:
-    """Text corpus: held-out LM loss (packed batches) and per-task accuracy of greedy answers."""
-    batches = []
-    if heldout_cfg is not None:
-        it = make_pipeline(heldout_cfg)
-        batches = [next(it) for _ in range(lm_batches)]
-    return _make_eval_fn(_text_task(), data_cfg, batches, ("positions",), n_examples)
-
-
-def make_vqa_eval_fn(data_cfg, heldout_cfg, n_examples: int, lm_batches: int = 2
-                     ) -> Callable[[nnx.Module, int], dict[str, float]]:
-    """VQA corpus (VL models): held-out LM loss on packed image batches, accuracy per question type of
-    greedy answers to held-out image questions, and `eval/chance` (the best image-blind accuracy over the
-    same questions, `synthetic_vqa.CHANCE`)."""
-    from ernie_jax.data.multimodal import make_multimodal_pipeline  # noqa: PLC0415
-    from ernie_jax.train.step import VL_KEYS  # noqa: PLC0415
-    batches = []
-    if heldout_cfg is not None:
-        it = make_multimodal_pipeline(heldout_cfg)
-        batches = [next(it) for _ in range(lm_batches)]
-    return _make_eval_fn(_vqa_task(), data_cfg, batches, VL_KEYS, n_examples)
-
-
-def _print(task: _Task, model: nnx.Module, data_cfg, n: int, max_new: int | None, speculative: str | None
-           ) -> dict:
-    examples = task.pick(n)
-    stats: dict = {}
-    for e, got in zip(examples, task.answer(model, data_cfg, examples, max_new, speculative, stats)):
-        mark = "ok " if task.check(e, got) else "   "
-        print(f"{mark}[{e['task']}] {task.describe(e)} -> {got!r} (expected {e['answer']!r})")
-    return _rates(stats)
-
-
-def print_samples(model: nnx.Module, data_cfg, n: int, max_new: int = 24, speculative: str | None = None
-                  ) -> dict:
-    """Greedy continuations of n held-out text prompts, with the expected answers. speculative="mtp" decodes
-    them with MTP drafts (the same answers). Returns the engine's counters: generated_tokens, forwards,
-    accepted, acceptance_rate, tokens_per_forward."""
-    return _print(_text_task(), model, data_cfg, n, max_new, speculative)
-
-
-def print_vqa_samples(model: nnx.Module, data_cfg, n: int, speculative: str | None = None) -> dict:
-    """Greedy answers to n held-out image questions, with the expected answers; like `print_samples`."""
-    return _print(_vqa_task(), model, data_cfg, n, None, speculative)

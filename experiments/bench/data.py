@@ -27,7 +27,7 @@ from flax import nnx
 
 import ernie_jax
 from ernie_jax.data import SentencePieceTokenizer, SourceConfig, make_pipeline
-from ernie_jax.data.synthetic import default_data_config, ensure_default_data
+from ernie_jax.synthetic.text import default_data_config, ensure_default_data
 from ernie_jax.losses import token_balanced_loss, token_cross_entropy
 from ernie_jax.model import create_model
 from experiments.bench.report import git_rev, utc_now, write_section

@@ -1,11 +1,11 @@
-"""Shared fixtures: a small synthetic corpus (the default generator at reduced size) and its tokenizer."""
+"""Shared fixtures: a small text corpus (the embedded toy generator at reduced size) and its tokenizer."""
 
 import sys
 from pathlib import Path
 
 import pytest
 
-from ernie_jax.data import synthetic
+from ernie_jax.synthetic import text
 
 # the suite runs with --import-mode=importlib: make the shared helpers (data_helpers.py) importable
 sys.path.insert(0, str(Path(__file__).parent))
@@ -15,4 +15,4 @@ sys.path.insert(0, str(Path(__file__).parent))
 def corpus(tmp_path_factory) -> dict[str, Path]:
     """train.jsonl (1500 docs), heldout.jsonl (200), tokenizer.model (vocab 512), built in ~2 s."""
     out = tmp_path_factory.mktemp("corpus")
-    return synthetic.generate(out, train_docs=1500, heldout_docs=200)
+    return text.generate(out, train_docs=1500, heldout_docs=200)

@@ -1,4 +1,5 @@
-"""make_pipeline: determinism, resume, resize (exactly once), mixing, sources, state checks, Orbax round trip."""
+"""make_pipeline: determinism, resume, resize (exactly once), mixing, sources, state checks, Orbax round trip,
+the data config required."""
 
 import json
 from pathlib import Path
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 from data_helpers import concat_rows, same_bytes, take, text_config, write_jsonl
 
-from ernie_jax.data import DataConfig, SentencePieceTokenizer, SourceConfig, make_pipeline
+from ernie_jax.data import SentencePieceTokenizer, SourceConfig, make_pipeline
 from ernie_jax.data.packing import chunks_of
 
 
@@ -135,36 +136,11 @@ def test_orbax_checkpoint_with_grain_handler(corpus, tmp_path):
     assert same_bytes(take(fresh, 3), ref[3:])
 
 
-def test_default_config_shape():
-    from ernie_jax.data.synthetic import default_data_config
-    cfg = default_data_config()
-    assert cfg.seq_len == 256 and SentencePieceTokenizer(cfg.tokenizer).vocab_size == 512
-    assert isinstance(cfg, DataConfig)
-
-
-def test_orbax_restore_under_another_process_count(corpus, tmp_path, monkeypatch):
-    import orbax.checkpoint as ocp
-    from grain._src.core import sharding
-
-    from ernie_jax.data.checkpoint import PipelineCheckpointRestore, PipelineCheckpointSave
-    cfg = text_config(corpus)
-    ref = take(make_pipeline(cfg), 6)
-    monkeypatch.setattr(sharding, "get_process_index_and_count", lambda: (0, 4))
-    it = make_pipeline(cfg, process_index=0, process_count=4)
-    take(it, 4)
-    opts = ocp.CheckpointManagerOptions(enable_async_checkpointing=False)
-    mngr = ocp.CheckpointManager(tmp_path / "ckpt", options=opts)
-    mngr.save(4, args=ocp.args.Composite(data_iter=PipelineCheckpointSave(it)))
-    mngr.wait_until_finished()
-    assert (tmp_path / "ckpt" / "4" / "data_iter" / "process_0-of-4.json").exists()
-    got = []
-    for p in range(2):
-        monkeypatch.setattr(sharding, "get_process_index_and_count", lambda p=p: (p, 2))
-        fresh = make_pipeline(cfg, process_index=p, process_count=2)
-        mngr.restore(4, args=ocp.args.Composite(data_iter=PipelineCheckpointRestore(fresh)))
-        got.append(take(fresh, 2))
-    mngr.close()
-    assert same_bytes([concat_rows([got[0][i], got[1][i]]) for i in range(2)], ref[4:6])
+def test_the_data_config_is_required():
+    with pytest.raises(ValueError, match="needs a data config .*default_data_config"):
+        make_pipeline(None)
+    with pytest.raises(ValueError, match="must be a DataConfig or a dict, got str"):
+        make_pipeline("data.jsonl")
 
 
 def test_state_restores_against_a_moved_copy_of_the_data(corpus, tmp_path):

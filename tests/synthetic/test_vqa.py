@@ -1,5 +1,6 @@
-"""The embedded VQA corpus: deterministic bytes, valid PNGs, disjoint splits, answers re-derived from the scene
-spec and the pixels, uniform answers (so the chance levels hold), answer checking."""
+"""The embedded VQA corpus: deterministic records, PNGs that decode to the rendered scenes, disjoint splits,
+answers re-derived from the scene spec and the pixels, uniform answers (so the chance levels hold), answer
+checking, its data config and prompts."""
 
 import base64
 import collections
@@ -11,10 +12,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ernie_jax.data import synthetic_vqa as vqa
-from ernie_jax.data.png import encode_palette_png
-from ernie_jax.data.synthetic import default_data_dir
+from ernie_jax.data import MultimodalDataConfig
 from ernie_jax.data.tokenizer import SentencePieceTokenizer
+from ernie_jax.presets import get_preset
+from ernie_jax.processor import SpecialTokens
+from ernie_jax.synthetic import vqa
+from ernie_jax.synthetic.text import default_data_dir
 
 
 @pytest.fixture(scope="module")
@@ -27,29 +30,45 @@ def _rows(path):
 
 
 def test_generation_is_deterministic(corpus, tmp_path):
+    """The records (scenes, questions, answers) are the same; the pictures are checked as pixels below (PNG
+    bytes are the encoder's business)."""
     again = vqa.generate(tmp_path, train_docs=350, heldout_docs=70)
-    assert again["train"].read_bytes() == corpus["train"].read_bytes()
-    assert again["heldout"].read_bytes() == corpus["heldout"].read_bytes()
+    for split in ("train", "heldout"):
+        meta = lambda rows: [{k: v for k, v in e.items() if k != "segments"} for e in rows]  # noqa: E731
+        texts = lambda rows: [[s.get("text") for s in e["segments"]] for e in rows]  # noqa: E731
+        a, b = _rows(again[split]), _rows(corpus[split])
+        assert meta(a) == meta(b) and texts(a) == texts(b)
 
 
-@pytest.mark.parametrize("shape", [(1, 1), (1, 2), (3, 1), (5, 7), (56, 140), (140, 57), (2, 700)])
-def test_png_encoder_round_trips(shape):
-    rng = np.random.default_rng(sum(shape))
-    palette = rng.integers(0, 256, (6, 3)).astype(np.uint8)
-    h, w = shape
-    flat = np.zeros(shape, np.int64)
-    flat[h // 3:, w // 4:] = 3
-    for idx in (rng.integers(0, 6, shape), flat, np.full(shape, 5)):
-        img = Image.open(io.BytesIO(encode_palette_png(idx, palette)))
-        assert img.mode == "P" and np.array_equal(np.asarray(img), idx)
-        assert np.array_equal(np.asarray(img.convert("RGB")), palette[idx])
+def _decoded(png: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
 
 
-def test_png_encoder_rejects_bad_input():
-    with pytest.raises(ValueError, match="palette indices"):
-        encode_palette_png(np.full((2, 2), 7), np.zeros((3, 3), np.uint8))
-    with pytest.raises(ValueError, match=r"\[H, W\]"):
-        encode_palette_png(np.zeros((2, 2, 2), np.int64), np.zeros((3, 3), np.uint8))
+def test_corpus_images_decode_to_the_rendered_scenes(corpus):
+    """What is deterministic is the pixels: every image of the corpus decodes to its scene re-rendered."""
+    n = 0
+    for e in _rows(corpus["train"])[:60] + _rows(corpus["heldout"]):
+        images = [s["image"] for s in e["segments"] if "image" in s]
+        for data, scene in zip(images, e["scenes"], strict=True):
+            assert np.array_equal(_decoded(base64.b64decode(data)), vqa.PALETTE[vqa.render(scene)])
+            n += 1
+    assert n > 130
+
+
+@pytest.mark.parametrize("w, h", [(1, 1), (3, 1), (1, 5), (84, 140), (140, 84)])
+def test_png_bytes_decode_to_the_palette_colours(w, h):
+    """Odd sizes and every colour: the PNG decodes to exactly PALETTE[render(scene)]; independent of the
+    renderer, the scene's background is white and each shape's centre pixel has its colour."""
+    rng = random.Random(w * 1000 + h)
+    shapes = [] if min(w, h) < 40 else [
+        {"colour": c, "kind": rng.choice(vqa.KINDS), "r": 10, "x": 12 + 24 * i, "y": h // 2}
+        for i, c in enumerate(vqa.COLOURS[:min(w, h) // 24])]
+    scene = {"w": w, "h": h, "shapes": shapes}
+    rgb = _decoded(vqa.png_bytes(scene))
+    assert rgb.shape == (h, w, 3) and np.array_equal(rgb, vqa.PALETTE[vqa.render(scene)])
+    assert (rgb[0, 0] == (255, 255, 255)).all()
+    for s in shapes:
+        assert (rgb[s["y"], s["x"]] == vqa.PALETTE[1 + vqa.COLOURS.index(s["colour"])]).all()
 
 
 def test_splits_are_disjoint(corpus):
@@ -181,3 +200,36 @@ def test_generate_writes_the_version_stamp_last(corpus):
     stamp = corpus["train"].parent / "version"
     assert stamp.read_text() == f"{vqa.VERSION}\n"
     assert stamp.stat().st_mtime_ns >= max(p.stat().st_mtime_ns for p in corpus.values())
+
+
+def test_vqa_data_config_takes_the_model_s_ids(tmp_path, monkeypatch):
+    monkeypatch.setenv("ERNIE_JAX_VQA_DIR", str(tmp_path))
+    vqa.generate(tmp_path, train_docs=16, heldout_docs=8)  # stamped: used as it is
+    model = get_preset("tiny-vl")
+    cfg = vqa.vqa_data_config(model, "heldout", seq_len=128, max_patches_per_row=256)
+    assert isinstance(cfg, MultimodalDataConfig) and (cfg.seq_len, cfg.max_patches_per_row) == (128, 256)
+    assert cfg.special == SpecialTokens.from_config(model) and cfg.special.image_token_id == model.image_token_id
+    assert cfg.patch_size == model.vision.patch_size and cfg.spatial_merge_size == model.vision.spatial_merge_size
+    assert cfg.sources[0].path == str(tmp_path / "heldout.jsonl") and len(_rows(tmp_path / "heldout.jsonl")) == 8
+    assert cfg.tokenizer == str(default_data_dir() / "tokenizer.model")
+
+
+def test_encode_example_prompt(corpus):
+    """bos + the question's segments: text tokenized, each image as start + placeholders + end; no answer."""
+    model = get_preset("tiny-vl")
+    cfg = MultimodalDataConfig.from_model_config(model, sources=(str(corpus["heldout"]),),
+                                                 tokenizer=str(default_data_dir() / "tokenizer.model"))
+    tok = SentencePieceTokenizer(cfg.tokenizer)
+    e = next(e for e in _rows(corpus["heldout"]) if e["task"] == "compare")  # two pictures
+    enc = vqa.encode_example_prompt(e, cfg)
+    ids = enc.input_ids.tolist()
+    assert ids[0] == tok.bos_id and len(enc.images) == 2
+    sp = cfg.special
+    want = [tok.bos_id]
+    for seg, v in zip(e["segments"], [None, enc.images[0], None, enc.images[1], None], strict=True):
+        if "text" in seg:
+            want += tok.encode(seg["text"]).tolist()
+        else:
+            h, w = (np.asarray(v.grid_thw)[1:] // cfg.spatial_merge_size).tolist()
+            want += [sp.image_start_token_id] + [sp.image_token_id] * (h * w) + [sp.image_end_token_id]
+    assert ids == want

@@ -10,16 +10,16 @@ import pytest
 from data_helpers import concat_rows, same_bytes, take, write_jsonl
 from PIL import Image
 
-from ernie_jax.data import synthetic_vqa as vqa
 from ernie_jax.data.config import SourceConfig
-from ernie_jax.data.mm_config import MultimodalDataConfig
-from ernie_jax.data.multimodal import MM_KEYS, encode_example_prompt, make_multimodal_pipeline
+from ernie_jax.data.multimodal import MM_KEYS, MultimodalDataConfig, make_multimodal_pipeline
 from ernie_jax.data.sources import DataError
-from ernie_jax.data.synthetic import default_data_dir
 from ernie_jax.processor import SpecialTokens, preprocess_image, type_ids
+from ernie_jax.synthetic import vqa
+from ernie_jax.synthetic.text import default_data_dir
+from ernie_jax.synthetic.vqa import encode_example_prompt
 
-TOKENS = dict(image_token_id=512, image_start_token_id=513, image_end_token_id=514, video_token_id=515,
-              video_start_token_id=516, video_end_token_id=517)  # tiny-vl's
+SPECIAL = SpecialTokens(image_token_id=512, image_start_token_id=513, image_end_token_id=514, video_token_id=515,
+                        video_start_token_id=516, video_end_token_id=517)  # tiny-vl's
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def corpus(tmp_path_factory):
 def mm_config(path, **kw) -> MultimodalDataConfig:
     base = dict(sources=(SourceConfig(path=str(path)),), tokenizer=str(default_data_dir() / "tokenizer.model"),
                 seq_len=160, global_batch_size=4, max_docs_per_row=6, max_patches_per_row=320, max_images_per_row=5,
-                seed=3, docs_per_read=8, **TOKENS)
+                seed=3, docs_per_read=8, special=SPECIAL)
     base.update(kw)
     return MultimodalDataConfig(**base)
 
@@ -55,7 +55,7 @@ def test_batch_layout(corpus):
 def test_rows_respect_budgets_and_match_the_processor(corpus):
     cfg = mm_config(corpus["train"])
     it = make_multimodal_pipeline(cfg)
-    special = SpecialTokens(**TOKENS)
+    special = SPECIAL
     n_docs = 0
     for b in take(it, 4):
         for r in range(cfg.global_batch_size):
@@ -209,12 +209,3 @@ def test_state_checks(corpus):
     text_state = {**it.get_state(), "kind": None}
     with pytest.raises(ValueError, match="not a multimodal data pipeline state"):
         make_multimodal_pipeline(cfg).set_state(text_state)
-
-
-def test_config_validation(corpus):
-    with pytest.raises(ValueError, match="distinct"):
-        mm_config(corpus["train"], image_token_id=513)
-    with pytest.raises(ValueError, match="kind='text'"):
-        mm_config(corpus["train"], sources=(SourceConfig(path=str(corpus["train"]), kind="ids"),))
-    with pytest.raises(ValueError, match="max_patches_per_row"):
-        mm_config(corpus["train"], max_patches_per_row=0)

@@ -1,4 +1,4 @@
-"""The embedded default corpus: arithmetic / algorithmic tasks with checkable answers plus templated text.
+"""The embedded text corpus: arithmetic / algorithmic tasks with checkable answers plus templated text.
 
 Deterministic: `generate(out_dir)` writes `train.jsonl` and `heldout.jsonl` with the same bytes on every
 machine (Python's `random.Random` with fixed seeds; no hash randomisation, no set iteration). Held-out
@@ -20,6 +20,9 @@ import random
 import tempfile
 from pathlib import Path
 from typing import Callable, Hashable, Sequence, TypeVar
+
+from ernie_jax.data.config import DataConfig, SourceConfig
+from ernie_jax.data.tokenizer import train_sentencepiece
 
 TASKS = ("add", "sub", "mul", "reverse", "sort", "count", "succ", "story", "text")
 TRAIN_DOCS = 100_000
@@ -121,7 +124,8 @@ def check_answer(example: dict, completion: str) -> bool:
     return not (ans[-1].isdigit() and rest[:1].isdigit())
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
+    """Writes `data` to `path` through a temporary file and a rename: readers never see a partial file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     with os.fdopen(fd, "wb") as f:
@@ -130,7 +134,8 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _jsonl(rows: list[dict]) -> bytes:
+def jsonl_bytes(rows: list[dict]) -> bytes:
+    """One JSON object per line, keys sorted (the same bytes for the same rows)."""
     return "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows).encode()
 
 
@@ -139,18 +144,18 @@ def generate(out_dir: str | os.PathLike, *, train_docs: int = TRAIN_DOCS, heldou
     """Writes train.jsonl, heldout.jsonl (and tokenizer.model if missing or `retrain_tokenizer`)."""
     out = Path(out_dir)
     paths = {"train": out / "train.jsonl", "heldout": out / "heldout.jsonl", "tokenizer": out / "tokenizer.model"}
-    _write_atomic(paths["train"], _jsonl([{"text": e["text"], "task": e["task"]}
-                                           for e in examples("train", train_docs, seed=1234)]))
-    _write_atomic(paths["heldout"], _jsonl(examples("heldout", heldout_docs, seed=5678)))
+    write_atomic(paths["train"], jsonl_bytes([{"text": e["text"], "task": e["task"]}
+                                              for e in examples("train", train_docs, seed=1234)]))
+    write_atomic(paths["heldout"], jsonl_bytes(examples("heldout", heldout_docs, seed=5678)))
     for p in (out / "train.jsonl.idx", out / "heldout.jsonl.idx"):
         p.unlink(missing_ok=True)  # rebuilt on first use
     if tokenizer and (retrain_tokenizer or not paths["tokenizer"].exists()):
-        _write_atomic(paths["tokenizer"], train_tokenizer_bytes(paths["train"]))
+        write_atomic(paths["tokenizer"], train_tokenizer_bytes(paths["train"]))
     return paths
 
 
 def train_tokenizer_bytes(train_jsonl: Path, vocab_size: int = VOCAB_SIZE) -> bytes:
-    from ernie_jax.data.tokenizer import train_sentencepiece
+    """The sentencepiece model trained on the `text` of `train_jsonl` (the same bytes on every run)."""
     with tempfile.TemporaryDirectory() as tmp, open(train_jsonl, encoding="utf-8") as f:
         (Path(tmp) / "corpus.txt").write_text("".join(json.loads(line)["text"] + "\n" for line in f),
                                               encoding="utf-8")
@@ -178,9 +183,9 @@ def ensure_default_data(out_dir: str | os.PathLike | None = None) -> dict[str, P
     return paths
 
 
-def default_data_config(split: str = "train", **overrides):
-    """The DataConfig of the embedded default corpus (generated on first use)."""
-    from ernie_jax.data.config import DataConfig, SourceConfig
+def default_data_config(split: str = "train", **overrides) -> DataConfig:
+    """The `DataConfig` of split `split` ("train" | "heldout") of the embedded corpus (generated on first use);
+    `overrides` replace its fields."""
     paths = ensure_default_data()
     kw = dict(sources=(SourceConfig(path=str(paths[split]), name=f"default-{split}"),),
               tokenizer=str(paths["tokenizer"]), seq_len=256, global_batch_size=16, max_docs_per_row=64)
@@ -189,5 +194,6 @@ def default_data_config(split: str = "train", **overrides):
 
 
 def load_examples(split: str = "heldout") -> list[dict]:
+    """The records of one split of the embedded corpus (generated on first use)."""
     with open(ensure_default_data()[split], encoding="utf-8") as f:
         return [json.loads(line) for line in f]

@@ -1,6 +1,6 @@
 """Deterministic first-fit packing of multimodal documents under three budgets per row.
 
-The text packer's rule (`packing.py`) with whole documents and three budgets: a document (n tokens -> n - 1
+The text packer's rule (`data/packing.py`) with whole documents and three budgets: a document (n tokens -> n - 1
 positions, p patches, k images) goes, in stream order, into the first row (lowest index) with at least
 n - 1 free positions, p free patch slots, k free image slots and fewer than `max_docs` documents; one that
 fits nowhere is carried over to the next global batch (carried documents are placed first there). Pulling
@@ -23,7 +23,7 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from ernie_jax.data.mm_document import MMDocument
+from ernie_jax.data.multimodal.document import MMDocument
 from ernie_jax.data.packing import first_fit
 from ernie_jax.processor import SpecialTokens, type_ids
 

@@ -1,8 +1,9 @@
-"""The embedded default corpus: deterministic, held-out disjoint from train, answers checkable."""
+"""The embedded text corpus: deterministic, held-out disjoint from train, answers checkable, its data config."""
 
 import json
 
-from ernie_jax.data import synthetic
+from ernie_jax.data import DataConfig, SentencePieceTokenizer
+from ernie_jax.synthetic import text as synthetic
 
 
 def test_deterministic_and_disjoint(tmp_path, corpus):
@@ -26,3 +27,10 @@ def test_check_answer():
     assert synthetic.check_answer(ex, "5") and synthetic.check_answer(ex, "5 and more")
     assert not synthetic.check_answer(ex, "56") and not synthetic.check_answer(ex, " 5")
     assert not synthetic.check_answer({"prompt": "text", "answer": ""}, "")
+
+
+def test_default_data_config():
+    cfg = synthetic.default_data_config("heldout", seq_len=32)
+    assert isinstance(cfg, DataConfig) and cfg.seq_len == 32 and cfg.global_batch_size == 16
+    assert cfg.sources[0].path.endswith("heldout.jsonl")
+    assert SentencePieceTokenizer(cfg.tokenizer).vocab_size == synthetic.VOCAB_SIZE == 512

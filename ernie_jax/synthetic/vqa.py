@@ -35,24 +35,33 @@ only `segments` and `answer`, so real data can use the same format:
 `task`, `params` and `scenes` are metadata: the scene spec (integer centres `x, y` and half-size `r` of each
 shape) re-derives the answer (`derive_answer`) and re-renders the picture (`render`).
 
-Deterministic: `generate(out_dir)` writes `train.jsonl` and `heldout.jsonl` with the same bytes on every
-machine (Python's `random.Random`, integer rasterisation, our own PNG encoder). An example is held out iff a
-hash of its (task, params, scenes) falls in a fixed 1/10 bucket, so the splits are disjoint by construction.
+Deterministic: `generate(out_dir)` writes `train.jsonl` and `heldout.jsonl` with the same records and the
+same decoded pixels on every machine (Python's `random.Random`, integer rasterisation); the PNG bytes are
+Pillow's (palette PNG), so they can differ between zlib builds, the pictures cannot. An example is held out
+iff a hash of its (task, params, scenes) falls in a fixed 1/10 bucket, so the splits are disjoint by
+construction. `vqa_data_config(model_config, split)` is the corpus as a `MultimodalDataConfig`;
+`encode_example_prompt` is a record's prompt as the model sees it at evaluation.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import json
 import os
 import random
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from PIL import Image
 
-from ernie_jax.data.png import encode_palette_png
-from ernie_jax.data.synthetic import _write_atomic, draw_split
+from ernie_jax.data.config import SourceConfig
+from ernie_jax.data.multimodal import MultimodalDataConfig
+from ernie_jax.data.multimodal.document import DocumentEncoder
+from ernie_jax.processor import EncodedPrompt
+from ernie_jax.synthetic.text import default_data_dir, draw_split, jsonl_bytes, write_atomic
 
 COLOURS = ("red", "green", "blue", "yellow", "purple")
 KINDS = ("circle", "square", "triangle")
@@ -65,7 +74,8 @@ MIN_R, R_DIV = 10, 4  # shape half-size in px: MIN_R .. max(MIN_R + 1, min(w, h)
 CHANCE = {"count_colour": 1 / (MAX_COUNT + 1), "count_kind": 1 / (MAX_COUNT + 1), "colour": 1 / len(COLOURS),
           "kind": 1 / len(KINDS), "relation": 1 / 2, "exists": 1 / 2, "compare": 1 / 2,
           "describe": 1 / (MAX_SHAPES * len(COLOURS) * len(KINDS))}
-VERSION = 2  # of the corpus bytes; bump on any change to what `generate` writes (2: `describe`, bigger shapes)
+VERSION = 3  # of the corpus bytes; bump on any change to what `generate` writes (2: `describe`, bigger shapes;
+#             3: PNGs written by Pillow)
 TRAIN_DOCS = 20_000
 HELDOUT_DOCS = 1_000
 _PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles"}
@@ -98,7 +108,12 @@ def render(scene: dict) -> np.ndarray:
 
 
 def png_bytes(scene: dict) -> bytes:
-    return encode_palette_png(render(scene), PALETTE)
+    """The scene as a palette PNG (Pillow): decodes to `PALETTE[render(scene)]`."""
+    im = Image.fromarray(render(scene))  # mode "L"; the palette makes it "P"
+    im.putpalette(PALETTE.tobytes(), rawmode="RGB")
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def _place(rng: random.Random, descs: list[tuple[str, str]], w: int, h: int,
@@ -289,27 +304,18 @@ def check_vqa_answer(example: dict, completion: str) -> bool:
     return not completion[len(ans):len(ans) + 1].isalnum()
 
 
-def decode_image(segment: dict) -> bytes:
-    """The image bytes of an `{"image": base64}` segment."""
-    return base64.b64decode(segment["image"], validate=True)
-
-
 # -- files ----------------------------------------------------------------------------------------------
-def _jsonl(rows: list[dict]) -> bytes:
-    return "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows).encode()
-
-
 def generate(out_dir: str | os.PathLike, *, train_docs: int = TRAIN_DOCS, heldout_docs: int = HELDOUT_DOCS
              ) -> dict[str, Path]:
     """Writes train.jsonl and heldout.jsonl (deterministic bytes), then the `version` stamp."""
     out = Path(out_dir)
     paths = {"train": out / "train.jsonl", "heldout": out / "heldout.jsonl"}
     (out / "version").unlink(missing_ok=True)  # a crash below leaves no stamp: regenerated on next use
-    _write_atomic(paths["train"], _jsonl(examples("train", train_docs, seed=4321)))
-    _write_atomic(paths["heldout"], _jsonl(examples("heldout", heldout_docs, seed=8765)))
+    write_atomic(paths["train"], jsonl_bytes(examples("train", train_docs, seed=4321)))
+    write_atomic(paths["heldout"], jsonl_bytes(examples("heldout", heldout_docs, seed=8765)))
     for p in paths.values():
         Path(str(p) + ".idx").unlink(missing_ok=True)  # rebuilt on first use
-    _write_atomic(out / "version", f"{VERSION}\n".encode())
+    write_atomic(out / "version", f"{VERSION}\n".encode())
     return paths
 
 
@@ -330,5 +336,29 @@ def ensure_vqa_data(out_dir: str | os.PathLike | None = None) -> dict[str, Path]
 
 
 def load_examples(split: str = "heldout") -> list[dict]:
+    """The records of one split of the corpus (generated on first use)."""
     with open(ensure_vqa_data()[split], encoding="utf-8") as f:
         return [json.loads(line) for line in f]
+
+
+# -- as data --------------------------------------------------------------------------------------------
+def vqa_data_config(model_config: Any, split: str = "train", **overrides) -> MultimodalDataConfig:
+    """The `MultimodalDataConfig` of split `split` ("train" | "heldout") of the corpus (generated on first use
+    into data/vqa/) with the embedded 512-piece tokenizer, the special ids and patch / merge sizes of
+    `model_config` (e.g. tiny-vl); `overrides` replace its fields."""
+    paths = ensure_vqa_data()
+    kw: dict[str, Any] = dict(sources=(SourceConfig(path=str(paths[split]), name=f"vqa-{split}"),),
+                              tokenizer=str(default_data_dir() / "tokenizer.model"), seq_len=256,
+                              global_batch_size=16, max_docs_per_row=16, max_patches_per_row=512,
+                              max_images_per_row=16, docs_per_read=16)
+    kw.update(overrides)
+    return MultimodalDataConfig.from_model_config(model_config, **kw)
+
+
+def encode_example_prompt(example: dict, data_config: MultimodalDataConfig,
+                          encoder: DocumentEncoder | None = None) -> EncodedPrompt:
+    """A record's prompt (bos + segments, no answer, no eos) as the processor's `EncodedPrompt`: what a model is
+    prompted with to answer it (int64 ids and type ids, images as `Vision`). Pass `encoder` to reuse one."""
+    enc = encoder or DocumentEncoder(data_config)
+    segments, _ = enc.parse_object({"segments": example["segments"]}, "<example>", 0)
+    return enc.prompt(segments, "<example>", 0)

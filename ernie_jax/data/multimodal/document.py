@@ -20,10 +20,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ernie_jax.data.mm_config import MultimodalDataConfig
+from ernie_jax.data.multimodal.config import MultimodalDataConfig
 from ernie_jax.data.sources import DataError
 from ernie_jax.data.tokenizer import SentencePieceTokenizer
-from ernie_jax.processor import EncodedPrompt, SpecialTokens, Vision, encode_prompt
+from ernie_jax.processor import EncodedPrompt, Vision, encode_prompt
 
 _ERNIE_BOS, _ERNIE_EOS = 1, 2
 
@@ -50,7 +50,7 @@ class DocumentEncoder:
         self.vocab_size = cfg.vocab_size or self.tokenizer.vocab_size
         self.bos = self.tokenizer.bos_id if self.tokenizer.bos_id >= 0 else _ERNIE_BOS
         self.eos = self.tokenizer.eos_id if self.tokenizer.eos_id >= 0 else _ERNIE_EOS
-        self.special = SpecialTokens.from_config(cfg)
+        self.special = cfg.special
 
     # -- parsing ----------------------------------------------------------------------------------------
     def parse(self, raw: bytes, path: str, record: int) -> tuple[list[tuple[str, Any]], str | None]:

@@ -1,14 +1,14 @@
 """`make_multimodal_pipeline`: the text pipeline's guarantees for interleaved text + image records.
 
-The three stages (`stream.py`, `iterator.py`) with multimodal documents:
+The three stages (`data/stream.py`, `data/iterator.py`) with multimodal documents:
 1. **Read**: each document is `GlobalOrder(g)` -> (source, epoch, record) -> raw JSON ->
    `DocumentEncoder.document` (tokenize, decode + preprocess images, check the row budgets).
 2. **Pack** (consuming process): `pack_mm_global_batch`, first fit under seq_len, max_patches_per_row,
    max_images_per_row and max_docs_per_row together; documents are never split.
 3. **Slice**: process p of P takes rows [p*R/P, (p+1)*R/P) of the R = `global_batch_size` rows.
 
-State: see `iterator.py`; `kind` "multimodal", the carry saved as the documents' global indices. Batch
-layout: see `mm_packing.py`. No 3D position ids: the model derives them from `mm_token_type_ids`,
+State: see `data/iterator.py`; `kind` "multimodal", the carry saved as the documents' global indices. Batch
+layout: see `packing.py`. No 3D position ids: the model derives them from `mm_token_type_ids`,
 `image_grid_thw` and `segment_ids`; `positions` (1D, restarting per document) is kept for code shared with
 the text pipeline.
 """
@@ -22,11 +22,10 @@ import numpy as np
 from ernie_jax.data import stream
 from ernie_jax.data.config import DataConfigError
 from ernie_jax.data.iterator import PackedIterator
-from ernie_jax.data.mm_config import MultimodalDataConfig
-from ernie_jax.data.mm_document import DocumentEncoder, MMDocument
-from ernie_jax.data.mm_packing import MMPackedBatch, materialize_mm, pack_mm_global_batch
+from ernie_jax.data.multimodal.config import MultimodalDataConfig
+from ernie_jax.data.multimodal.document import DocumentEncoder, MMDocument
+from ernie_jax.data.multimodal.packing import MMPackedBatch, materialize_mm, pack_mm_global_batch
 from ernie_jax.data.stream import Loader
-from ernie_jax.processor import EncodedPrompt
 
 MM_KEYS = ("tokens", "targets", "segment_ids", "positions", "loss_mask", "sample_ids", "mm_token_type_ids",
            "moe_mm_token_type_ids", "pixel_values", "image_grid_thw")
@@ -110,7 +109,7 @@ class MultimodalPipelineIterator(PackedIterator):
 def make_multimodal_pipeline(data_config: MultimodalDataConfig | dict[str, Any], *, process_index: int = 0,
                              process_count: int = 1) -> MultimodalPipelineIterator:
     """The per-process iterator over packed multimodal global batches (see the module doc; layout in
-    `mm_packing.py`): per item, for R = global_batch_size / process_count rows, `tokens`, `targets`,
+    `packing.py`): per item, for R = global_batch_size / process_count rows, `tokens`, `targets`,
     `segment_ids`, `positions`, `loss_mask`, `mm_token_type_ids`, `moe_mm_token_type_ids` int32 [R, S],
     `sample_ids` int64 [R, max_docs_per_row], `pixel_values` fp32 [R, P, 3*patch^2], `image_grid_thw` int32
     [R, N, 3]."""
@@ -120,26 +119,3 @@ def make_multimodal_pipeline(data_config: MultimodalDataConfig | dict[str, Any],
         raise DataConfigError(f"data_config must be a MultimodalDataConfig or a dict, got {type(data_config).__name__}")
     return MultimodalPipelineIterator(data_config, process_index, process_count)
 
-
-def vqa_data_config(model_config: Any, split: str = "train", **overrides) -> MultimodalDataConfig:
-    """The `MultimodalDataConfig` of the embedded VQA corpus (generated on first use into data/vqa/) with the
-    embedded 512-piece tokenizer, the special ids and patch / merge sizes of `model_config` (e.g. tiny-vl)."""
-    from ernie_jax.data.config import SourceConfig
-    from ernie_jax.data.synthetic import default_data_dir
-    from ernie_jax.data.synthetic_vqa import ensure_vqa_data
-    paths = ensure_vqa_data()
-    kw: dict[str, Any] = dict(sources=(SourceConfig(path=str(paths[split]), name=f"vqa-{split}"),),
-                              tokenizer=str(default_data_dir() / "tokenizer.model"), seq_len=256,
-                              global_batch_size=16, max_docs_per_row=16, max_patches_per_row=512,
-                              max_images_per_row=16, docs_per_read=16)
-    kw.update(overrides)
-    return MultimodalDataConfig.from_model_config(model_config, **kw)
-
-
-def encode_example_prompt(example: dict, data_config: MultimodalDataConfig,
-                          encoder: DocumentEncoder | None = None) -> EncodedPrompt:
-    """A record's prompt (bos + segments, no answer, no eos) as the processor's `EncodedPrompt`: what a model is
-    prompted with to answer it (int64 ids and type ids, images as `Vision`). Pass `encoder` to reuse one."""
-    enc = encoder or DocumentEncoder(data_config)
-    segments, _ = enc.parse_object({"segments": example["segments"]}, "<example>", 0)
-    return enc.prompt(segments, "<example>", 0)
