@@ -4,7 +4,7 @@
         [--dtype=bfloat16] [--config.mesh.fsdp=...]
 
 `--config` must be the run's config file (with the same `--config.` overrides that change the model or the
-loss, e.g. EMA on/off): it gives the model shape and the train-state layout to restore into. The checkpoint
+EMA, e.g. EMA on/off): it gives the model shape and the train-state layout to restore into. The checkpoint
 restores onto this host's devices whatever mesh it was written on (override `--config.mesh.*` when the
 config's mesh does not fit here); nothing is allocated before the restore (the target is abstract). The
 newest loadable step is used; a truncated or corrupt newer one is named in a warning and skipped. `--ema`
@@ -16,26 +16,32 @@ Single process: the parameters are gathered to this host to be written.
 
 from __future__ import annotations
 
-import logging as logging_std
+import logging
+import sys
 
-from absl import app, flags, logging
+from absl import app, flags
+from ml_collections import config_flags
 
-# --config (the run's config file, with --config.key=value overrides) and --workdir (required) are the
-# launcher's own flags: one definition for both CLIs, so they can live in one process (tests).
-from experiments.train import _CONFIG, _WORKDIR, _QuietLibraries, build
-
+_CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/tiny.py", "the run's experiment config file",
+                                          lock_config=False, accept_new_attributes=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "the training run's directory", required=True)
 _OUT = flags.DEFINE_string("out", None, "output directory for config.json + safetensors", required=True)
 _EMA = flags.DEFINE_bool("ema", False, "export the EMA of the parameters instead of the raw parameters")
 _DTYPE = flags.DEFINE_string("dtype", None, "storage dtype of the written tensors (default: the parameters')")
 
 
 def export(config, workdir: str, out: str, *, ema: bool = False, dtype: str | None = None) -> int:
-    """Restores the newest loadable checkpoint of `workdir`, writes `out`; returns the step exported."""
+    """Restores the newest loadable checkpoint of `workdir` (the run of experiment config `config`), writes
+    `out`; returns the step exported."""
     import ernie_jax
+    from ernie_jax.experiment import ExperimentConfigError, load_experiment
     from ernie_jax.train.restore import RestoreError, restore_model
-    train_cfg, _, _ = build(config)
     try:
-        model, step = restore_model(train_cfg, workdir, ema=ema)
+        exp = load_experiment(config)
+    except ExperimentConfigError as e:
+        raise app.UsageError(str(e)) from None
+    try:
+        model, step = restore_model(exp.train, workdir, ema=ema)
     except RestoreError as e:
         raise app.UsageError(f"--workdir={workdir!r}: {e}") from None
     ernie_jax.save_pretrained(model, out, dtype=dtype)
@@ -43,11 +49,17 @@ def export(config, workdir: str, out: str, *, ema: bool = False, dtype: str | No
 
 
 def main(argv):
-    del argv
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]} (flags are --name=value)")
     import jax
 
-    logging.get_absl_handler().addFilter(_QuietLibraries())
-    logging_std.getLogger("ernie_jax").setLevel(logging_std.INFO)
+    from ernie_jax.experiment import ExperimentConfigError, check_overrides_once, quiet_library_logs
+    quiet_library_logs()
+    try:
+        check_overrides_once(sys.argv[1:])
+    except ExperimentConfigError as e:
+        raise app.UsageError(str(e)) from None
+    logging.getLogger("ernie_jax").setLevel(logging.INFO)
     if jax.process_count() > 1:
         raise app.UsageError("export_hf runs in a single process")
     step = export(_CONFIG.value, _WORKDIR.value, _OUT.value, ema=_EMA.value, dtype=_DTYPE.value)

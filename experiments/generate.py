@@ -21,16 +21,17 @@ the tokens per main-model forward.
 
 from __future__ import annotations
 
-import logging as logging_std
+import logging
 import os
+import sys
 import time
 
-from absl import app, flags, logging
+from absl import app, flags
+from ml_collections import config_flags
 
-# --config and --workdir are the launcher's own flags (one definition for every CLI, so that they can live in
-# one process); --workdir is not required here: it or --hf_dir.
-from experiments.train import _CONFIG, _WORKDIR, _QuietLibraries, build
-
+_CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/tiny.py", "with --workdir: the run's "
+                                          "experiment config file", lock_config=False, accept_new_attributes=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "an experiments.train run's directory (or --hf_dir)")
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "a transformers ERNIE-4.5 directory (instead of --workdir)")
 _WEIGHTS = flags.DEFINE_enum("weights", "raw", ["raw", "ema"], "with --workdir: the raw parameters or their EMA")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "a sentencepiece .model for the text (default with "
@@ -89,15 +90,19 @@ def _check_flags():
 
 def load_run(config, workdir: str, *, ema: bool):
     """(model, mesh, rules, data config, step) of the newest loadable checkpoint of a training run."""
+    from ernie_jax.experiment import ExperimentConfigError, load_experiment
     from ernie_jax.sharding import make_mesh, resolve_rules
     from ernie_jax.train.restore import RestoreError, restore_model
 
-    train_cfg, data_cfg, _ = build(config)
     try:
-        model, step = restore_model(train_cfg, workdir, ema=ema)
+        exp = load_experiment(config)
+    except ExperimentConfigError as e:
+        raise app.UsageError(str(e)) from None
+    try:
+        model, step = restore_model(exp.train, workdir, ema=ema)
     except RestoreError as e:
         raise app.UsageError(f"--workdir={workdir!r}{' --weights=ema' if ema else ''}: {e}") from None
-    return model, make_mesh(train_cfg.mesh), resolve_rules(train_cfg.mesh), data_cfg, step
+    return model, make_mesh(exp.train.mesh), resolve_rules(exp.train.mesh), exp.data.train, step
 
 
 class _Printer:
@@ -151,7 +156,12 @@ class _Printer:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]} (flags are --name=value)")
-    logging.get_absl_handler().addFilter(_QuietLibraries())
+    from ernie_jax.experiment import ExperimentConfigError, check_overrides_once, quiet_library_logs
+    quiet_library_logs()
+    try:
+        check_overrides_once(sys.argv[1:])
+    except ExperimentConfigError as e:
+        raise app.UsageError(str(e)) from None
     sampling, prompt_ids = _check_flags()
 
     import ernie_jax
@@ -212,5 +222,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    logging_std.getLogger("ernie_jax").setLevel(logging_std.INFO)
+    logging.getLogger("ernie_jax").setLevel(logging.INFO)
     app.run(main)

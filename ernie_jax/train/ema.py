@@ -7,10 +7,41 @@ a factor >= 1 - eps of every update older than W steps when a^W <= eps, so `a = 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EMAConfig:
+    """The EMA of a run (experiment config section `ema`): `decay`, or the window `window` in steps with
+    tolerance `eps` (decay = eps ** (1 / window)); neither set: no EMA."""
+
+    decay: float = 0.0
+    window: float = 0.0
+    eps: float = math.exp(-1)
+
+    def __post_init__(self):
+        if self.decay and self.window:
+            raise ValueError(f"EMAConfig: set decay or window, not both (got decay={self.decay}, "
+                             f"window={self.window})")
+        if not 0 <= self.decay < 1:
+            raise ValueError(f"EMAConfig.decay must be in [0, 1), got {self.decay}")
+        if self.window < 0:
+            raise ValueError(f"EMAConfig.window must be >= 0 (0: use decay), got {self.window}")
+        if not 0 < self.eps < 1:
+            raise ValueError(f"EMAConfig.eps must be in (0, 1), got {self.eps}")
+
+    @property
+    def effective_decay(self) -> float:
+        """The decay in effect (0: no EMA)."""
+        return decay_from_window(self.window, self.eps) if self.window else self.decay
+
+    @property
+    def enabled(self) -> bool:
+        return self.effective_decay > 0
 
 
 def decay_from_window(window: float, eps: float = math.exp(-1)) -> float:
@@ -18,10 +49,6 @@ def decay_from_window(window: float, eps: float = math.exp(-1)) -> float:
     if window <= 0 or not 0 < eps < 1:
         raise ValueError(f"need window > 0 and 0 < eps < 1, got window={window}, eps={eps}")
     return eps ** (1.0 / window)
-
-
-def window_from_decay(decay: float, eps: float = math.exp(-1)) -> float:
-    return math.log(eps) / math.log(decay)
 
 
 def ema_update(ema, params, decay: float):

@@ -30,6 +30,7 @@ from ernie_jax.config import ErnieConfig
 from ernie_jax.model import count_params, create_model
 from ernie_jax.sharding import MeshConfig, activate, logical_to_spec, make_mesh, resolve_rules, sharding_table
 from ernie_jax.train.flops import device_peak_tflops, flops_per_token, measure_peak_tflops
+from ernie_jax.train.ema import EMAConfig
 from ernie_jax.train.optimizer import OptimizerConfig, make_optimizer
 from ernie_jax.train.step import (BATCH_KEYS, VL_KEYS, LossConfig, TrainState, init_train_state, make_train_step,
                                   merge_model)
@@ -48,6 +49,7 @@ class TrainConfig:
     mesh: MeshConfig = MeshConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
     loss: LossConfig = LossConfig()
+    ema: EMAConfig = EMAConfig()
     total_steps: int = 100
     micro_batches: int = 1  # gradient accumulation: the per-process batch is split into this many
     seed: int = 0
@@ -137,7 +139,7 @@ def train(cfg: TrainConfig, workdir: str, data: Iterator[dict], *,
         model = create_model(cfg.model, seed=cfg.seed, mesh=mesh, rules=rules)
     log.info("parameters: %s\n%s", f"{count_params(cfg.model):,}", sharding_table(nnx.state(model), mesh, rules))
     tx, schedule = make_optimizer(cfg.optimizer, cfg.total_steps)
-    state = init_train_state(model, tx, ema=cfg.loss.ema > 0)
+    state = init_train_state(model, tx, ema=cfg.ema.enabled)
     state_shardings = jax.tree.map(lambda a: a.sharding, state)
 
     restored = ckpt.restore(state, with_data=True)
@@ -152,7 +154,7 @@ def train(cfg: TrainConfig, workdir: str, data: Iterator[dict], *,
     start = int(state.step)
 
     with activate(mesh, rules):
-        step_fn = jax.jit(make_train_step(model, tx, schedule, cfg.loss), donate_argnums=0,
+        step_fn = jax.jit(make_train_step(model, tx, schedule, cfg.loss, ema_cfg=cfg.ema), donate_argnums=0,
                           out_shardings=(state_shardings, None))
     peak = cfg.peak_tflops or device_peak_tflops(jax.devices()[0]) or measure_peak_tflops()
     writer = MetricsWriter(workdir)

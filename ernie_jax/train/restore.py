@@ -10,40 +10,29 @@ from __future__ import annotations
 import os
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from ernie_jax.checkpoint.orbax import Checkpointer
 from ernie_jax.model import abstract_model
 from ernie_jax.sharding import make_mesh, param_shardings, resolve_rules
 from ernie_jax.train.optimizer import make_optimizer
-from ernie_jax.train.step import TrainState, merge_model, split_model, state_shardings
+from ernie_jax.train.step import abstract_train_state, merge_model, split_model
 
 
 class RestoreError(ValueError):
     """A run that cannot be restored: no checkpoint, none that fits the config, no EMA asked for."""
 
 
-def abstract_train_state(train_cfg, mesh, rules):
-    """(abstract model, TrainState of ShapeDtypeStructs with the shardings `train()` gives it on `mesh`).
-
-    Mirrors `ernie_jax.train.step.init_train_state` (fields, EMA in fp32, moments sharded like their
-    parameters) without allocating anything."""
+def restore_target(train_cfg, mesh, rules):
+    """(abstract model, the TrainState `train()` builds for `train_cfg` on `mesh`, as ShapeDtypeStructs with
+    their shardings: `ernie_jax.train.step.abstract_train_state` of the sharded abstract parameters)."""
     model = abstract_model(train_cfg.model)
     _, p_state, b_state = split_model(model)
     p_shard = nnx.to_pure_dict(param_shardings(p_state, mesh, rules))
     params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                           nnx.to_pure_dict(p_state), p_shard)
-    buffers = nnx.to_pure_dict(b_state)
     tx, _ = make_optimizer(train_cfg.optimizer, train_cfg.total_steps)
-    ema = train_cfg.loss.ema > 0
-    shapes = jax.eval_shape(lambda p, b: TrainState(
-        step=jnp.zeros((), jnp.int32), params=p, buffers=b, opt_state=tx.init(p),
-        ema=jax.tree.map(lambda x: x.astype(jnp.float32), p) if ema else None,
-        nonfinite_run=jnp.zeros((), jnp.int32), nonfinite_total=jnp.zeros((), jnp.int32)), params, buffers)
-    shardings = state_shardings(shapes, params, mesh)
-    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
-    return model, target
+    return model, abstract_train_state(params, nnx.to_pure_dict(b_state), tx, ema=train_cfg.ema.enabled)
 
 
 def model_from_state(model, state, *, ema: bool = False):
@@ -52,17 +41,17 @@ def model_from_state(model, state, *, ema: bool = False):
     params = state.params
     if ema:
         if state.ema is None:
-            raise RestoreError("this run keeps no EMA (config.loss: no ema_decay / ema_window)")
+            raise RestoreError("this run keeps no EMA (config.ema: no decay / window)")
         params = jax.tree.map(lambda e, p: e.astype(p.dtype), state.ema, state.params)
     return merge_model(graphdef, abs_params, abs_buffers, params, state.buffers)
 
 
 def restore_model(train_cfg, workdir: str, *, ema: bool = False):
     """(model, step) of the newest loadable checkpoint under `workdir`/checkpoints, on `train_cfg`'s mesh."""
-    if ema and not train_cfg.loss.ema > 0:
-        raise RestoreError("this run keeps no EMA (config.loss: no ema_decay / ema_window)")
+    if ema and not train_cfg.ema.enabled:
+        raise RestoreError("this run keeps no EMA (config.ema: no decay / window)")
     mesh = make_mesh(train_cfg.mesh)
-    model, target = abstract_train_state(train_cfg, mesh, resolve_rules(train_cfg.mesh))
+    model, target = restore_target(train_cfg, mesh, resolve_rules(train_cfg.mesh))
     directory = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(directory):
         raise RestoreError(f"no checkpoints in {directory}")

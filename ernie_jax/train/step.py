@@ -21,7 +21,7 @@ from ernie_jax.losses import (moe_aux_loss, mtp_loss, router_orthogonal_loss, ro
                               token_cross_entropy)
 from ernie_jax.model.balancing import router_kernels, update_correction_biases
 from ernie_jax.model.mtp import mtp_inputs, mtp_targets
-from ernie_jax.train.ema import decay_from_window, ema_update
+from ernie_jax.train.ema import EMAConfig, ema_update
 
 BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
 # VL batches (`ernie_jax.data.make_multimodal_pipeline`) add these; the VL model computes its 3D positions
@@ -37,20 +37,6 @@ class LossConfig:
     orth_in_loss: bool = True  # False: a separate step W -= lr * orth_coef * dL_orth/dW after the optimizer
     mtp_coef: float = 0.3
     aux_free_coef: float = 0.0  # correction-bias step size (Baidu: 1e-3); 0 = off
-    ema_decay: float = 0.0  # 0 = no EMA (unless ema_window is set)
-    ema_window: float = 0.0  # alternatively: the effective decay window W in steps, decay = ema_eps ** (1 / W)
-    ema_eps: float = 0.36787944117144233  # 1/e
-
-    def __post_init__(self):
-        if self.ema_decay and self.ema_window:
-            raise ValueError("LossConfig: set ema_decay or ema_window, not both")
-        if not 0 <= self.ema_decay < 1:
-            raise ValueError(f"LossConfig.ema_decay must be in [0, 1), got {self.ema_decay}")
-
-    @property
-    def ema(self) -> float:
-        """The EMA decay in effect (0 = no EMA)."""
-        return decay_from_window(self.ema_window, self.ema_eps) if self.ema_window else self.ema_decay
 
 
 @struct.dataclass
@@ -69,25 +55,35 @@ def split_model(model: nnx.Module):
     return nnx.split(model, nnx.Param, ...)
 
 
+def _fresh_state(params: Any, buffers: Any, tx: optax.GradientTransformation, ema: bool) -> TrainState:
+    """The initial TrainState of these params / buffers (fresh copies: the state is donated to the step)."""
+    return TrainState(step=jnp.zeros((), jnp.int32), params=jax.tree.map(jnp.copy, params),
+                      buffers=jax.tree.map(jnp.copy, buffers), opt_state=tx.init(params),
+                      ema=jax.tree.map(lambda p: p.astype(jnp.float32), params) if ema else None,
+                      nonfinite_run=jnp.zeros((), jnp.int32), nonfinite_total=jnp.zeros((), jnp.int32))
+
+
+def abstract_train_state(params: Any, buffers: Any, tx: optax.GradientTransformation, *, ema: bool) -> TrainState:
+    """The TrainState of pure-dict `params` / `buffers` (arrays or ShapeDtypeStructs) as ShapeDtypeStructs,
+    nothing allocated. When the params carry NamedShardings (a mesh), every leaf carries its sharding too:
+    optimizer moments and the EMA (fp32) sharded like their parameters, the rest replicated."""
+    shapes = jax.eval_shape(lambda p, b: _fresh_state(p, b, tx, ema), params, buffers)
+    mesh = next((a.sharding.mesh for a in jax.tree.leaves(params)
+                 if isinstance(getattr(a, "sharding", None), NamedSharding)), None)
+    if mesh is None:
+        return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), shapes)
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
+                        state_shardings(shapes, params, mesh))
+
+
 def init_train_state(model: nnx.Module, tx: optax.GradientTransformation, *, ema: bool) -> TrainState:
-    """The initial state. On a mesh (the model's parameters sharded), optimizer moments and the EMA are
-    sharded like their parameters and every other leaf is replicated."""
+    """The initial state, laid out as `abstract_train_state` says (on a mesh: the model's shardings)."""
     _, params, buffers = split_model(model)
     params, buffers = nnx.to_pure_dict(params), nnx.to_pure_dict(buffers)
-    state = jax.eval_shape(lambda: TrainState(
-        step=jnp.zeros((), jnp.int32), params=params, buffers=buffers, opt_state=tx.init(params),
-        ema=jax.tree.map(lambda p: p.astype(jnp.float32), params) if ema else None,
-        nonfinite_run=jnp.zeros((), jnp.int32), nonfinite_total=jnp.zeros((), jnp.int32)))
-    mesh = next((a.sharding.mesh for a in jax.tree.leaves(params) if isinstance(a.sharding, NamedSharding)), None)
-    shardings = None if mesh is None else state_shardings(state, params, mesh)
-
-    def build(params, buffers):  # fresh buffers throughout: the state is donated to the train step
-        return TrainState(step=jnp.zeros((), jnp.int32), params=jax.tree.map(jnp.copy, params),
-                          buffers=jax.tree.map(jnp.copy, buffers), opt_state=tx.init(params),
-                          ema=jax.tree.map(lambda p: p.astype(jnp.float32), params) if ema else None,
-                          nonfinite_run=jnp.zeros((), jnp.int32), nonfinite_total=jnp.zeros((), jnp.int32))
-
-    return jax.jit(build, out_shardings=shardings)(params, buffers)
+    target = abstract_train_state(params, buffers, tx, ema=ema)
+    sharded = isinstance(jax.tree.leaves(target)[0].sharding, NamedSharding)
+    shardings = jax.tree.map(lambda s: s.sharding, target) if sharded else None
+    return jax.jit(lambda p, b: _fresh_state(p, b, tx, ema), out_shardings=shardings)(params, buffers)
 
 
 def state_shardings(state: Any, params: Any, mesh) -> Any:
@@ -114,7 +110,8 @@ def merge_model(graphdef, abstract_params, abstract_buffers, params, buffers) ->
 
 
 def make_train_step(model: nnx.Module, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    loss_cfg: LossConfig) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+                    loss_cfg: LossConfig, *, ema_cfg: EMAConfig = EMAConfig()
+                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """step(state, batch) -> (state, metrics). batch: dict of [A, B, S] arrays (A micro-batches) with keys
     tokens, targets, loss_mask and optionally segment_ids, positions (packed rows)."""
     config = model.config
@@ -173,7 +170,7 @@ def make_train_step(model: nnx.Module, tx: optax.GradientTransformation, schedul
         buffers = state.buffers
         if loss_cfg.aux_free_coef and "usage" in aux:
             buffers = update_correction_biases(buffers, jnp.sum(aux["usage"], axis=0), loss_cfg.aux_free_coef)
-        ema = state.ema if state.ema is None else ema_update(state.ema, params, loss_cfg.ema)
+        ema = state.ema if state.ema is None else ema_update(state.ema, params, ema_cfg.effective_decay)
 
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
         new_state = TrainState(

@@ -294,8 +294,8 @@ def load_run(workdir: str, config_path: str):
     """(model with the newest checkpoint's weights, data config, step) of a training run of `config_path`."""
     import importlib.util  # noqa: PLC0415
 
+    from ernie_jax.experiment import load_experiment  # noqa: PLC0415
     from ernie_jax.train.restore import restore_model  # noqa: PLC0415
-    from experiments.train import build  # noqa: PLC0415
 
     spec = importlib.util.spec_from_file_location("run_config", config_path)
     mod = importlib.util.module_from_spec(spec)
@@ -303,14 +303,14 @@ def load_run(workdir: str, config_path: str):
     config = mod.get_config()
     if not config.model_overrides.get("num_nextn_predict_layers", 0):  # the bench needs the MTP block
         config.model_overrides.num_nextn_predict_layers = 1
-    train_cfg, data_cfg, _ = build(config)
-    model, step = restore_model(train_cfg, workdir)
-    return model, data_cfg, step
+    exp = load_experiment(config)
+    model, step = restore_model(exp.train, workdir)
+    return model, exp.data.train, step
 
 
 def bench_spec(args, run) -> tuple[list[dict], str]:
     from ernie_jax.data.tokenizer import SentencePieceTokenizer  # noqa: PLC0415
-    from ernie_jax.train.evaluation import pick_examples  # noqa: PLC0415
+    from ernie_jax.synthetic.tasks import pick_examples  # noqa: PLC0415
 
     model, data_cfg, step = run
     tok = SentencePieceTokenizer(data_cfg.tokenizer)

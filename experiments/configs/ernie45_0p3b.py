@@ -25,8 +25,9 @@ def get_config() -> ConfigDict:
     c.optimizer = ConfigDict({"peak_lr": 2.2e-4, "min_lr": 2.2e-5, "warmup_steps": 200, "decay_fraction": 0.1,
                               "decay": "1-sqrt", "b1": 0.9, "b2": 0.95, "eps": 1e-8, "weight_decay": 0.1,
                               "clip_norm": 1.0, "router_lr_multiplier": 1.0})
-    c.loss = ConfigDict({"aux_coef": 0.0, "z_coef": 0.0, "orth_coef": 0.0, "mtp_coef": 0.0, "aux_free_coef": 0.0,
-                         "ema_decay": 0.0, "ema_window": 1000.0})  # dense, no MTP block; EMA over ~1000 steps
+    c.loss = ConfigDict({"aux_coef": 0.0, "z_coef": 0.0, "orth_coef": 0.0, "mtp_coef": 0.0,
+                         "aux_free_coef": 0.0})  # dense, no MTP block
+    c.ema = ConfigDict({"decay": 0.0, "window": 1000.0})  # EMA over ~1000 steps
     c.data = ConfigDict({"sources": [], "seq_len": 4096, "global_batch_size": 256})  # 1.05M tokens per step
     c.total_steps = 50_000  # ~52B tokens
     c.micro_batches = 1

@@ -27,7 +27,8 @@ def get_config() -> ConfigDict:
                               "decay": "1-sqrt", "b1": 0.9, "b2": 0.95, "eps": 1e-8, "weight_decay": 0.1,
                               "clip_norm": 1.0, "router_lr_multiplier": 0.01})
     c.loss = ConfigDict({"aux_coef": 1e-5, "z_coef": 0.0, "orth_coef": 0.0, "orth_in_loss": False, "mtp_coef": 0.3,
-                         "aux_free_coef": 1e-3, "ema_decay": 0.0, "ema_window": 1000.0})
+                         "aux_free_coef": 1e-3})
+    c.ema = ConfigDict({"decay": 0.0, "window": 1000.0})
     c.data = ConfigDict({"sources": [], "seq_len": 4096, "global_batch_size": 1024})  # 4.2M tokens per step
     c.total_steps = 100_000  # ~420B tokens
     c.micro_batches = 4

@@ -16,8 +16,8 @@ def get_config() -> ConfigDict:
     c.mesh = ConfigDict({"data": 1, "fsdp": -1, "expert": 1, "tensor": 1, "pipeline": 1, "rules": "fsdp"})
     c.optimizer = ConfigDict({"peak_lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 30, "decay_fraction": 0.25,
                               "weight_decay": 0.1, "clip_norm": 1.0})
-    c.loss = ConfigDict({"aux_coef": 0.0, "z_coef": 0.0, "orth_coef": 0.0, "mtp_coef": 0.3, "aux_free_coef": 0.0,
-                         "ema_window": 100.0})  # EMA evaluated beside the raw weights
+    c.loss = ConfigDict({"aux_coef": 0.0, "z_coef": 0.0, "orth_coef": 0.0, "mtp_coef": 0.3, "aux_free_coef": 0.0})
+    c.ema = ConfigDict({"decay": 0.0, "window": 100.0})  # EMA evaluated beside the raw weights
     # Empty `sources`: the embedded default corpus (generated on first use into data/default/).
     c.data = ConfigDict({"sources": [], "seq_len": 128, "global_batch_size": 16})
     c.total_steps = 600

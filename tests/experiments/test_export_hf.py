@@ -1,6 +1,6 @@
-"""experiments/export_hf.py: train 2 steps of the tiny config (8-device mesh), export the checkpoint (raw
-weights through the CLI in a 1-device subprocess, EMA weights in process), load the exports with
-`ernie_jax.from_pretrained` and compare logits with the trained model's."""
+"""experiments/export_hf.py: train 2 steps of the tiny config (8-device mesh), export the checkpoint through
+the CLI in a 1-device subprocess (raw and EMA weights), load the exports with `ernie_jax.from_pretrained` and
+compare logits with the trained model's."""
 
 import importlib.util
 import os
@@ -13,11 +13,10 @@ import pytest
 
 import ernie_jax
 from ernie_jax.data import make_pipeline
-from ernie_jax.data.synthetic import default_data_config
+from ernie_jax.experiment import load_experiment
+from ernie_jax.synthetic.text import default_data_config
 from ernie_jax.train.loop import train
 from ernie_jax.train.restore import model_from_state
-from experiments.export_hf import export
-from experiments.train import build
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG_FILE = os.path.join(ROOT, "experiments", "configs", "tiny.py")
@@ -35,7 +34,7 @@ def _config():
     c = _load_config(CONFIG_FILE)
     c.update(OVERRIDES)
     c.optimizer.warmup_steps = 1
-    c.loss.ema_window = 2.0  # decay e^(-1/2): the EMA differs from the raw weights after 2 steps
+    c.ema.window = 2.0  # decay e^(-1/2): the EMA differs from the raw weights after 2 steps
     c.data.seq_len, c.data.global_batch_size = 32, 8
     return c
 
@@ -43,8 +42,8 @@ def _config():
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("run")
-    train_cfg, data_cfg, _ = build(_config())
-    out = train(train_cfg, str(workdir), make_pipeline(data_cfg), progress=False)
+    exp = load_experiment(_config())
+    out = train(exp.train, str(workdir), exp.make_pipeline(), progress=False)
     assert out["step"] == 2
     ids = np.asarray(next(make_pipeline(default_data_config("heldout", seq_len=32, global_batch_size=2)))["tokens"])
     return workdir, out, ids
@@ -54,27 +53,30 @@ def _logits(model, ids):
     return np.asarray(jax.device_get(model(jax.numpy.asarray(ids)).logits))
 
 
-def test_cli_export_raw_weights(trained, tmp_path):
-    workdir, out, ids = trained
-    dest = tmp_path / "hf"
-    c = _config()
+def _export_cli(workdir, dest, *flags):
     cmd = [sys.executable, "-m", "experiments.export_hf", f"--workdir={workdir}", f"--config={CONFIG_FILE}",
-           f"--out={dest}", "--config.loss.ema_window=2"]  # the file's other values: same state layout
+           f"--out={dest}", "--config.ema.window=2", *flags]  # the file's other values: same state layout
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     env.pop("XLA_FLAGS", None)  # one device: the 8-device checkpoint restores onto another mesh
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert f"exported step 2 of {workdir}" in r.stdout
+    return r.stdout
+
+
+def test_cli_export_raw_weights(trained, tmp_path):
+    workdir, out, ids = trained
+    dest = tmp_path / "hf"
+    assert f"exported step 2 of {workdir} (raw weights)" in _export_cli(workdir, dest)
     assert sorted(os.listdir(dest)) == ["config.json", "model.safetensors"]
     loaded = ernie_jax.from_pretrained(dest, dtype="float32")
-    assert loaded.config == build(c)[0].model
+    assert loaded.config == load_experiment(_config()).model
     np.testing.assert_allclose(_logits(loaded, ids), _logits(out["model"], ids), rtol=1e-5, atol=1e-5)
 
 
-def test_export_ema_weights(trained, tmp_path):
+def test_cli_export_ema_weights(trained, tmp_path):
     workdir, out, ids = trained
     dest = tmp_path / "hf_ema"
-    assert export(_config(), str(workdir), str(dest), ema=True) == 2
+    assert f"exported step 2 of {workdir} (EMA weights)" in _export_cli(workdir, dest, "--ema")
     loaded = ernie_jax.from_pretrained(dest, dtype="float32")
     ema_model = model_from_state(out["model"], out["state"], ema=True)
     want = _logits(ema_model, ids)

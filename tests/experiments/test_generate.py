@@ -15,13 +15,12 @@ import pytest
 from absl import app, flags
 
 import ernie_jax
-from ernie_jax.data import make_pipeline
 from ernie_jax.data.tokenizer import SentencePieceTokenizer
+from ernie_jax.experiment import load_experiment
 from ernie_jax.sharding import make_mesh, resolve_rules
 from ernie_jax.train.loop import train
 from ernie_jax.train.step import merge_model, split_model
 from experiments import generate as cli
-from experiments.train import build
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG_FILE = os.path.join(ROOT, "experiments", "configs", "tiny.py")
@@ -35,7 +34,7 @@ def _config():
     c = mod.get_config()
     c.update({"total_steps": 2, "checkpoint_every_steps": 2, "log_every_steps": 1, "peak_tflops": 1.0})
     c.optimizer.warmup_steps = 1
-    c.loss.ema_window = 2.0  # the EMA differs from the raw weights after 2 steps; the file's state layout
+    c.ema.window = 2.0  # the EMA differs from the raw weights after 2 steps; the file's state layout
     c.data.seq_len, c.data.global_batch_size = 32, 8
     return c
 
@@ -44,8 +43,9 @@ def _config():
 def run(tmp_path_factory):
     """A 2-step tiny run (MTP block included): (workdir, train config, data config, raw model, EMA model)."""
     workdir = tmp_path_factory.mktemp("run")
-    train_cfg, data_cfg, _ = build(_config())
-    out = train(train_cfg, str(workdir), make_pipeline(data_cfg), progress=False)
+    exp = load_experiment(_config())
+    train_cfg, data_cfg = exp.train, exp.data.train
+    out = train(train_cfg, str(workdir), exp.make_pipeline(), progress=False)
     assert out["step"] == 2 and out["model"].config.num_nextn_predict_layers == 1
     graphdef, p, b = split_model(jax.eval_shape(lambda: out["model"]))
     ema = jax.tree.map(lambda e, x: e.astype(x.dtype), out["state"].ema, out["state"].params)
@@ -62,8 +62,7 @@ def hf_dir(tmp_path_factory):
 
 
 def _cli(**values) -> str:
-    """main() with these flag values (lists: a repeated flag) -> stdout. The values are set flag by flag, not
-    through a command line, so that required flags of other CLIs imported into this process do not apply."""
+    """main() with these flag values (lists: a repeated flag) -> stdout, the values set flag by flag."""
     FLAGS.unparse_flags()
     try:
         for name, value in values.items():
@@ -112,7 +111,7 @@ def test_workdir_text_prompts_equal_generate(run, weights):
 
 
 def test_workdir_command_line_speculative_sampled(run):
-    """The real command line (flag parsing, --workdir not required beside --hf_dir); MTP drafts with sampling
+    """The real command line (flag parsing); MTP drafts with sampling
     draw the same tokens as `generate(..., speculative="mtp")`; prompt ids are decoded with the run's
     tokenizer."""
     workdir, train_cfg, data_cfg, raw, _ = run

@@ -31,12 +31,13 @@ def config(total_steps):
     from ernie_jax.sharding import MeshConfig
     from ernie_jax.train.loop import TrainConfig
     from ernie_jax.train.optimizer import OptimizerConfig
+    from ernie_jax.train.ema import EMAConfig
     from ernie_jax.train.step import LossConfig
 
     # vocab 512: the embedded corpus' tokenizer
     model = ernie_jax.get_preset("tiny-test", vocab_size=512, num_hidden_layers=2)
     return TrainConfig(model=model, mesh=MeshConfig(fsdp=-1), optimizer=OptimizerConfig(peak_lr=1e-2, warmup_steps=2),
-                       loss=LossConfig(ema_decay=0.9), total_steps=total_steps, log_every_steps=1,
+                       loss=LossConfig(), ema=EMAConfig(decay=0.9), total_steps=total_steps, log_every_steps=1,
                        checkpoint_every_steps=100, async_checkpoints=True, peak_tflops=1.0)
 
 
@@ -67,7 +68,7 @@ def main():
     assert jax.process_count() == 2 and jax.device_count() == 4 and jax.local_device_count() == 2
 
     from ernie_jax.data import make_pipeline
-    from ernie_jax.data.synthetic import default_data_config
+    from ernie_jax.synthetic.text import default_data_config
     from ernie_jax.train.loop import train
 
     data = make_pipeline(default_data_config("train", seq_len=32, global_batch_size=8),

@@ -10,6 +10,7 @@ import numpy as np  # noqa: E402
 
 import ernie_jax  # noqa: E402
 from ernie_jax.sharding import MeshConfig  # noqa: E402
+from ernie_jax.train.ema import EMAConfig  # noqa: E402
 from ernie_jax.train.loop import TrainConfig, train  # noqa: E402
 from ernie_jax.train.optimizer import OptimizerConfig  # noqa: E402
 from ernie_jax.train.step import LossConfig  # noqa: E402
@@ -39,7 +40,7 @@ class CountingData:
 def config(total_steps, checkpoint_every):
     return TrainConfig(model=ernie_jax.get_preset("tiny-moe-test", num_hidden_layers=2, moe_layer_start_index=1),
                        mesh=MeshConfig(data=2, fsdp=-1), optimizer=OptimizerConfig(peak_lr=1e-2, warmup_steps=2),
-                       loss=LossConfig(aux_free_coef=1e-3, ema_decay=0.9), total_steps=total_steps,
+                       loss=LossConfig(aux_free_coef=1e-3), ema=EMAConfig(decay=0.9), total_steps=total_steps,
                        log_every_steps=1, checkpoint_every_steps=checkpoint_every, async_checkpoints=True)
 
 

@@ -125,11 +125,12 @@ def test_vl_vision_stage_from_export_trains_only_vision_parts(tmp_path, monkeypa
 
     from ernie_jax import get_preset, save_pretrained
     from ernie_jax.config import VisionConfig
-    from ernie_jax.data import make_multimodal_pipeline, synthetic_vqa
-    from ernie_jax.data.multimodal import vqa_data_config
+    from ernie_jax.data import make_multimodal_pipeline
     from ernie_jax.model import create_model
     from ernie_jax.sharding import MeshConfig
-    from ernie_jax.train.evaluation import make_vqa_eval_fn
+    from ernie_jax.synthetic import vqa as synthetic_vqa
+    from ernie_jax.synthetic.tasks import make_vqa_eval_fn
+    from ernie_jax.synthetic.vqa import vqa_data_config
     from ernie_jax.train.loop import TrainConfig, train
     from ernie_jax.train.optimizer import OptimizerConfig
     from ernie_jax.train.step import LossConfig

@@ -8,6 +8,7 @@ from flax import nnx
 from ernie_jax import get_preset
 from ernie_jax.losses import token_balanced_loss, token_cross_entropy
 from ernie_jax.model import create_model
+from ernie_jax.train.ema import EMAConfig
 from ernie_jax.train.optimizer import OptimizerConfig, make_optimizer
 from ernie_jax.train.step import LossConfig, init_train_state, make_train_step
 
@@ -152,7 +153,7 @@ def test_router_lr_multiplier_scales_router_updates_only(setup):
 def test_ema_follows_the_updated_params(setup):
     """EMA after a step = decay * EMA before + (1 - decay) * the new params, in fp32."""
     model, tx, sched = setup
-    step = jax.jit(make_train_step(model, tx, sched, LossConfig(ema_decay=0.75)))
+    step = jax.jit(make_train_step(model, tx, sched, LossConfig(), ema_cfg=EMAConfig(decay=0.75)))
     state = init_train_state(model, tx, ema=True)
     ema0 = jax.tree.map(lambda p: np.asarray(p, np.float32) + 1.0, state.params)  # an EMA apart from the params
     state = state.replace(ema=jax.tree.map(jnp.asarray, ema0))
@@ -163,7 +164,7 @@ def test_ema_follows_the_updated_params(setup):
 
 def test_nonfinite_step_is_skipped_and_counted(setup):
     model, tx, sched = setup
-    step = jax.jit(make_train_step(model, tx, sched, LossConfig(aux_free_coef=1e-2, ema_decay=0.9)))
+    step = jax.jit(make_train_step(model, tx, sched, LossConfig(aux_free_coef=1e-2), ema_cfg=EMAConfig(decay=0.9)))
     state = init_train_state(model, tx, ema=True)
     state, _ = step(state, _batch(1, 2, 8))
     before = jax.tree.map(np.asarray, (state.params, state.buffers, state.opt_state, state.ema))
