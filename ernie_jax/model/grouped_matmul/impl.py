@@ -4,6 +4,8 @@ implementation. `ragged_dot` and `pallas` are library calls (`jax.lax.ragged_dot
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -12,11 +14,13 @@ from ernie_jax.model.grouped_matmul.bucketed import bucketed
 from ernie_jax.model.grouped_matmul.tiled import default_tile, tiled
 
 
-def resolve_impl(impl: str) -> str:
-    """`auto` -> `ragged_dot` on TPU, `bucketed` elsewhere (the fastest measured on each); others as given."""
-    if impl == "auto":
-        return "ragged_dot" if jax.default_backend() == "tpu" else "bucketed"
-    return impl
+AUTO = {"tpu": "ragged_dot", "default": "bucketed"}  # `auto` per platform: the fastest measured on each
+
+
+def on_platform(fn, *args):
+    """fn(*args, impl=...) with `auto`'s choice for the platform being lowered for (`platform_dependent`, so
+    an AOT compile for TPU from a CPU host gets `ragged_dot`; lowering keeps only that branch)."""
+    return jax.lax.platform_dependent(*args, **{p: functools.partial(fn, impl=i) for p, i in AUTO.items()})
 
 
 def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, impl: str = "auto",
@@ -26,7 +30,8 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, im
 
     tile: rows per tile of `tiled`, and of `bucketed`'s skewed fallback (0 = from shapes).
     """
-    impl = resolve_impl(impl)
+    if impl == "auto":
+        return on_platform(functools.partial(grouped_matmul, tile=tile), lhs, rhs, group_sizes)
     if impl == "ragged_dot":
         out = jax.lax.ragged_dot(lhs, rhs, group_sizes.astype(jnp.int32), preferred_element_type=jnp.float32)
     elif impl == "tiled":

@@ -20,7 +20,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from ernie_jax.model.grouped_matmul.bucketed import (bmm, bucket_branch, bucket_branches, bucket_layout,
                                                      fallback_tile, weight_grad)
-from ernie_jax.model.grouped_matmul.impl import grouped_matmul, resolve_impl
+from ernie_jax.model.grouped_matmul.impl import grouped_matmul, on_platform
 from ernie_jax.model.grouped_matmul.tiled import tiled
 from ernie_jax.model.grouped_matmul.varying import all_varying, sum_to
 
@@ -115,7 +115,9 @@ def expert_swiglu(x: jax.Array, wg: jax.Array, wu: jax.Array, wo: jax.Array, gro
     group_sizes [G] -> act(x @ wg[g]) * (x @ wu[g]) @ wo[g] per group's rows, [M, K] in x's dtype (rows past
     sum(group_sizes) zero). `bucketed` (and `auto` off TPU) runs fused on one layout (module docstring) unless
     `fused=False`; the other impls are three `grouped_matmul` calls."""
-    impl = resolve_impl(impl)
+    if impl == "auto":
+        return on_platform(functools.partial(expert_swiglu, act=act, tile=tile, fused=fused), x, wg, wu, wo,
+                           group_sizes)
     if impl != "bucketed" or not fused:
         return _swiglu_unfused(impl, tile, act, x, wg, wu, wo, group_sizes)
     m, g = x.shape[0], wg.shape[0]

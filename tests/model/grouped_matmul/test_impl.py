@@ -6,7 +6,6 @@ import pytest
 from grouped_matmul_oracle import CASES, check_against_oracle, check_bf16, inputs
 
 from ernie_jax.model.grouped_matmul import grouped_matmul
-from ernie_jax.model.grouped_matmul.impl import resolve_impl
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -27,11 +26,20 @@ def test_bf16_inputs_within_bf16_tolerance(impl):
     check_bf16(impl)
 
 
-def test_auto_is_bucketed_off_tpu():
+@pytest.mark.parametrize("case", ["empty_groups", "trailing_rows_zero"])
+def test_auto_matches_per_group_loop(case):
+    sizes, m, _ = CASES[case]
+    check_against_oracle("auto", sizes, m)
+
+
+def test_auto_lowers_bucketed_for_cpu():
+    """`auto` is decided when lowering: `bucketed` (a custom VJP, no ragged_dot) for this CPU; the TPU side
+    (`ragged_dot` when lowering for a TPU topology) is checked in tests/tpu_aot/test_train_step_aot.py."""
     if jax.default_backend() == "tpu":
-        pytest.skip("auto picks ragged_dot on TPU")
-    assert resolve_impl("auto") == "bucketed" and resolve_impl("tiled") == "tiled"
+        pytest.skip("lowers ragged_dot on TPU")
     lhs, rhs, gs, _ = inputs([16, 16, 16, 16], 64)
+    text = jax.jit(lambda a: grouped_matmul(a, rhs, gs)).lower(lhs).as_text()
+    assert "ragged_dot" not in text
     assert "custom_vjp_call" in str(jax.make_jaxpr(lambda a: grouped_matmul(a, rhs, gs))(lhs))
 
 
