@@ -17,7 +17,6 @@ Single process: the parameters are gathered to this host to be written.
 from __future__ import annotations
 
 import logging
-import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -49,16 +48,10 @@ def export(config, workdir: str, out: str, *, ema: bool = False, dtype: str | No
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]} (flags are --name=value)")
     import jax
 
-    from ernie_jax.experiment import ExperimentConfigError, check_overrides_once, quiet_library_logs
-    quiet_library_logs()
-    try:
-        check_overrides_once(sys.argv[1:])
-    except ExperimentConfigError as e:
-        raise app.UsageError(str(e)) from None
+    from ernie_jax.experiment import start_cli
+    start_cli(argv)
     logging.getLogger("ernie_jax").setLevel(logging.INFO)
     if jax.process_count() > 1:
         raise app.UsageError("export_hf runs in a single process")

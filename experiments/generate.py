@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import time
 
 from absl import app, flags
@@ -154,14 +153,8 @@ class _Printer:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]} (flags are --name=value)")
-    from ernie_jax.experiment import ExperimentConfigError, check_overrides_once, quiet_library_logs
-    quiet_library_logs()
-    try:
-        check_overrides_once(sys.argv[1:])
-    except ExperimentConfigError as e:
-        raise app.UsageError(str(e)) from None
+    from ernie_jax.experiment import start_cli
+    start_cli(argv)
     sampling, prompt_ids = _check_flags()
 
     import ernie_jax

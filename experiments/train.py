@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -39,19 +38,16 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process' index (wit
 
 def _load():
     """The typed experiment of --config (with its overrides); a bad config is a usage error naming the key."""
-    from ernie_jax.experiment import ExperimentConfigError, check_overrides_once, load_experiment
+    from ernie_jax.experiment import ExperimentConfigError, load_experiment
     try:
-        check_overrides_once(sys.argv[1:])
         return load_experiment(_CONFIG.value)
     except ExperimentConfigError as e:
         raise app.UsageError(str(e)) from None
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]} (flags are --name=value)")
-    from ernie_jax.experiment import quiet_library_logs
-    quiet_library_logs()
+    from ernie_jax.experiment import start_cli
+    start_cli(argv)
     exp = _load()  # before anything touches a device: a bad config fails fast
     import jax
 
