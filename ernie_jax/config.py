@@ -124,7 +124,7 @@ class ErnieConfig:
     remat_policy: str = "none"
     moe_dispatch: str = "dropless"  # see ernie_jax.model.moe
     moe_capacity_factor: float = 1.25  # capacity dispatch only
-    moe_gmm_impl: str = "auto"  # grouped matmul of the dropless path, see ernie_jax.model.gmm
+    moe_gmm_impl: str = "auto"  # grouped matmul of the dropless path, see ernie_jax.model.grouped_matmul
     moe_gmm_tile: int = 0  # rows per tile of the `tiled` grouped matmul and `bucketed`'s fallback (0 = from shapes)
     mrope_rule: str = "hf"  # VL 3D positions: "hf" (transformers) or "baidu" (Baidu's processor)
 

@@ -79,7 +79,7 @@ class MetricsWriter:
         if self.active:
             os.makedirs(workdir, exist_ok=True)
             self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-            self._tb = EventWriter(os.path.join(workdir, "tensorboard"))  # not tensorboardX: it imports torch
+            self._tb = EventWriter(os.path.join(workdir, "tensorboard"))
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self.active:

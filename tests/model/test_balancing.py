@@ -1,3 +1,4 @@
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -24,7 +25,7 @@ def test_update_maps_usage_rows_to_each_moe_stack_and_rebalances():
     cfg = get_preset("tiny-moe-test", num_hidden_layers=4, moe_layer_start_index=0, moe_layer_interval=2)
     model = create_model(cfg, seed=0)
     ids = jnp.asarray(np.random.RandomState(0).randint(0, 128, (4, 16)))
-    usage = np.asarray(model(ids).moe_stats.usage)
+    usage = np.asarray(jax.jit(lambda t: model(t).moe_stats.usage)(ids))
     assert usage.shape == (2, 8) and not np.array_equal(usage[0], usage[1])
     np.testing.assert_allclose(usage.sum(-1), 4 * 16 * 2)  # every slot counted once
     graphdef, params, buffers = _split(model)
@@ -34,7 +35,8 @@ def test_update_maps_usage_rows_to_each_moe_stack_and_rebalances():
         np.testing.assert_allclose(np.asarray(new["decoder"]["stacks"][stack]["layers"]["mlp"]["router"]["bias"]),
                                    want[None])
     nnx.replace_by_pure_dict(buffers, new)
-    after = np.asarray(nnx.merge(graphdef, params, buffers)(ids).moe_stats.usage)
+    rebalanced = nnx.merge(graphdef, params, buffers)
+    after = np.asarray(jax.jit(lambda t: rebalanced(t).moe_stats.usage)(ids))
     for layer in range(2):
         top = int(np.argmax(usage[layer]))
         assert after[layer, top] < usage[layer, top]

@@ -81,7 +81,8 @@ def test_grad_accumulation_averages_micro_batch_gradients(setup):
         nll = -jnp.take_along_axis(logp, b["targets"][i][..., None], axis=-1)[..., 0]
         return jnp.sum(nll * b["loss_mask"][i]) / nll.size
 
-    grads = jax.tree.map(lambda g0, g1: (g0 + g1) / 2, jax.grad(micro_loss)(params, 0), jax.grad(micro_loss)(params, 1))
+    grads = jax.jit(lambda p: jax.tree.map(lambda g0, g1: (g0 + g1) / 2, jax.grad(micro_loss)(p, 0),
+                                           jax.grad(micro_loss)(p, 1)))(params)
     want = jax.tree.map(lambda p, g: p - g, params, grads)
     s2, m2 = step(init_train_state(model, tx, ema=False), b)
     _assert_tree_close(s2.params, want, rtol=1e-5, atol=1e-7)
@@ -117,11 +118,11 @@ def test_mtp_loss_in_the_step():
 
     with_mtp = jax.jit(make_train_step(model, tx, sched, LossConfig(mtp_coef=0.5)))(init_train_state(model, tx, ema=False), b)
     without = jax.jit(make_train_step(model, tx, sched, LossConfig(mtp_coef=0.0)))(init_train_state(model, tx, ema=False), b)
-    assert float(with_mtp[1]["mtp_loss"]) == pytest.approx(float(mtp_only(params)), rel=1e-5)
+    assert float(with_mtp[1]["mtp_loss"]) == pytest.approx(float(jax.jit(mtp_only)(params)), rel=1e-5)
     assert "mtp_loss" not in without[1]
     # SGD: the difference of the two updates is -0.5 * grad of the MTP loss
     diff = jax.tree.map(lambda a, c: a - c, with_mtp[0].params, without[0].params)
-    want = jax.tree.map(lambda g: -0.5 * g, jax.grad(mtp_only)(params))
+    want = jax.tree.map(lambda g: -0.5 * g, jax.jit(jax.grad(mtp_only))(params))
     _assert_tree_close(diff, want, rtol=2e-4, atol=1e-6)
     assert float(optax.tree.norm(want["mtp"])) > 0
 
@@ -206,7 +207,8 @@ def test_aux_free_update_through_the_step_per_stack():
     b = _batch(2, 2, 8, seed=5)
     state, m = jax.jit(make_train_step(model, tx, sched, LossConfig(mtp_coef=0.0, aux_free_coef=0.25)))(
         init_train_state(model, tx, ema=False), b)
-    usage = sum(np.asarray(model(b["tokens"][i]).moe_stats.usage) for i in range(2))  # [2 MoE layers, E]
+    forward_usage = jax.jit(lambda t: model(t).moe_stats.usage)
+    usage = sum(np.asarray(forward_usage(b["tokens"][i])) for i in range(2))  # [2 MoE layers, E]
     assert not np.array_equal(usage[0], usage[1])
     for stack, layer in ((1, 0), (3, 1)):
         bias = np.asarray(state.buffers["decoder"]["stacks"][stack]["layers"]["mlp"]["router"]["bias"])[0]
