@@ -192,4 +192,3 @@ def make_train_step(model: nnx.Module, tx: optax.GradientTransformation, schedul
         return new_state, metrics
 
     return step
-
