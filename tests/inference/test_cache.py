@@ -18,6 +18,7 @@ def test_layout_and_bytes_per_token():
     assert [a.shape for a in cache.mtp_v] == [(3, 2, 40, 16)]
     total = sum(a.nbytes for a in cache.k + cache.v + cache.mtp_k + cache.mtp_v)
     assert bytes_per_token(CFG, mtp_depths=1) * 3 * 40 == total
+    assert CFG.dtype == "float32" and bytes_per_token(CFG, mtp_depths=1) == 2 * (3 + 1) * 2 * 16 * 4  # K+V, layers+MTP, Hkv, D, fp32
 
 
 def test_cache_shards_batch_and_kv_heads():

@@ -4,7 +4,7 @@ import os
 import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+os.environ["XLA_FLAGS"] = os.environ.get("ERNIE_TEST_XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
 
 import numpy as np  # noqa: E402
 

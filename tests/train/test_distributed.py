@@ -20,7 +20,6 @@ def _run2(workdir, cache, *extra):
     """Runs both processes to the end; returns their (returncode, stdout, stderr)."""
     port = portpicker.pick_unused_port()
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1", "ERNIE_TEST_COMPILE_CACHE": str(cache)}
-    env.pop("XLA_FLAGS", None)
     procs = [subprocess.Popen([sys.executable, SCRIPT, str(port), str(i), str(workdir), str(TOTAL), *map(str, extra)],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (0, 1)]
     out = []

@@ -163,10 +163,12 @@ def test_vl_vision_stage_from_export_trains_only_vision_parts(tmp_path, monkeypa
     assert any("vision_router/bias" in p for p in changed)
     # VQA evaluation: held-out loss, per-type accuracy, chance level
     ev = make_vqa_eval_fn(vqa_data_config(cfg, "train", **data_kw), vqa_data_config(cfg, "heldout", **data_kw),
-                          n_examples=len(synthetic_vqa.TASKS), lm_batches=1)(out["model"], 3)
-    assert np.isfinite(ev["eval/loss"]) and 0.25 < ev["eval/chance"] < 0.5
-    per_type = [ev[f"eval/acc_{t}"] for t in synthetic_vqa.TASKS]  # one example per type: accuracy = their mean
-    assert {k for k in ev if k.startswith("eval/acc_")} == {f"eval/acc_{t}" for t in synthetic_vqa.TASKS}
+                          n_examples=2, lm_batches=1)(out["model"], 3)  # the first two question types
+    types = synthetic_vqa.TASKS[:2]
+    assert np.isfinite(ev["eval/loss"]) and ev["eval/chance"] == pytest.approx(np.mean([synthetic_vqa.CHANCE[t]
+                                                                                        for t in types]))
+    per_type = [ev[f"eval/acc_{t}"] for t in types]  # one example per type: accuracy = their mean
+    assert {k for k in ev if k.startswith("eval/acc_")} == {f"eval/acc_{t}" for t in types}
     assert ev["eval/accuracy"] == pytest.approx(np.mean(per_type))
 
 

@@ -37,7 +37,8 @@ def test_token_balanced_loss_gradient_and_value():
 
 @pytest.fixture(scope="module")
 def setup():
-    cfg = get_preset("tiny-moe-test", num_hidden_layers=2, moe_layer_start_index=1)
+    # ragged_dot: the quickest grouped matmul to compile on CPU (each backend has its own tests)
+    cfg = get_preset("tiny-moe-test", num_hidden_layers=2, moe_layer_start_index=1, moe_gmm_impl="ragged_dot")
     model = create_model(cfg, seed=0)
     tx, sched = make_optimizer(OptimizerConfig(peak_lr=1e-2, warmup_steps=0), 100)
     return model, tx, sched
@@ -116,8 +117,9 @@ def test_mtp_loss_in_the_step():
         nll = -jnp.take_along_axis(logp, jnp.asarray(tgt1)[..., None], axis=-1)[..., 0]
         return jnp.sum(nll * msk1) / msk1.sum()
 
-    with_mtp = jax.jit(make_train_step(model, tx, sched, LossConfig(mtp_coef=0.5)))(init_train_state(model, tx, ema=False), b)
-    without = jax.jit(make_train_step(model, tx, sched, LossConfig(mtp_coef=0.0)))(init_train_state(model, tx, ema=False), b)
+    state = init_train_state(model, tx, ema=False)
+    with_mtp = jax.jit(make_train_step(model, tx, sched, LossConfig(mtp_coef=0.5)))(state, b)
+    without = jax.jit(make_train_step(model, tx, sched, LossConfig(mtp_coef=0.0)))(state, b)
     assert float(with_mtp[1]["mtp_loss"]) == pytest.approx(float(jax.jit(mtp_only)(params)), rel=1e-5)
     assert "mtp_loss" not in without[1]
     # SGD: the difference of the two updates is -0.5 * grad of the MTP loss
@@ -201,7 +203,8 @@ def test_aux_free_update_through_the_step_per_stack():
     """Two one-layer MoE stacks (layers 1 and 3), two micro-batches, lr 0: each stack's router bias moves by
     coef * sign(mean - usage) of its own layer's usage summed over both micro-batches (the forward's
     counts): over-used experts down, under-used up."""
-    cfg = get_preset("tiny-moe-test", num_hidden_layers=4, moe_layer_start_index=0, moe_layer_interval=2)
+    cfg = get_preset("tiny-moe-test", num_hidden_layers=4, moe_layer_start_index=0, moe_layer_interval=2,
+                     moe_gmm_impl="ragged_dot")
     model = create_model(cfg, seed=1)
     tx, sched = _sgd(0.0)
     b = _batch(2, 2, 8, seed=5)
