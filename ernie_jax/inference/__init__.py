@@ -5,5 +5,6 @@ from ernie_jax.inference.cache import KVCache, bytes_per_token, init_cache
 from ernie_jax.inference.engine import Engine
 from ernie_jax.inference.generate import generate
 from ernie_jax.inference.sampling import SamplingParams
+from ernie_jax.quantization.kv_cache import KVCacheConfig
 
-__all__ = ["KVCache", "bytes_per_token", "init_cache", "Engine", "generate", "SamplingParams"]
+__all__ = ["KVCache", "KVCacheConfig", "bytes_per_token", "init_cache", "Engine", "generate", "SamplingParams"]

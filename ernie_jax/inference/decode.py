@@ -65,7 +65,7 @@ def decode(model, ids: jax.Array, index: jax.Array, delta: jax.Array, cache: KVC
     layer_states: the decoder's layers unstacked (`Decoder.unstack_layers`), or None (scanned)."""
     s = ids.shape[1]
     angles = _angles(model, index[:, None] + delta[:, None] + jnp.arange(s, dtype=jnp.int32)[None, :])
-    caches = tuple(LayerCache(k, v, index) for k, v in zip(cache.k, cache.v))
+    caches = tuple(LayerCache(k, v, index, scheme=cache.scheme) for k, v in zip(cache.k, cache.v))
     logits, hidden, caches = model.forward_cached(model._embed(ids), angles, caches, layer_states=layer_states)
     return logits, hidden, cache.replace(k=tuple(lc.k for lc in caches), v=tuple(lc.v for lc in caches))
 
@@ -83,5 +83,6 @@ def mtp_decode(model, ids: jax.Array, hidden: jax.Array, index: jax.Array, delta
     hidden [B, S, H] -> (fp32 logits [B, S, V], the cache with the depth's keys written)."""
     s = ids.shape[1]
     angles = _angles(model, index[:, None] + delta[:, None] + jnp.arange(s, dtype=jnp.int32)[None, :])
-    logits, _, lc = model.mtp_cached(0, ids, hidden, angles, LayerCache(cache.mtp_k[0], cache.mtp_v[0], index))
+    lc = LayerCache(cache.mtp_k[0], cache.mtp_v[0], index, scheme=cache.scheme)
+    logits, _, lc = model.mtp_cached(0, ids, hidden, angles, lc)
     return logits, cache.replace(mtp_k=(lc.k,) + cache.mtp_k[1:], mtp_v=(lc.v,) + cache.mtp_v[1:])

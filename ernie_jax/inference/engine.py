@@ -28,6 +28,7 @@ from ernie_jax.inference import decode as fwd
 from ernie_jax.inference.cache import KVCache, init_cache, insert
 from ernie_jax.inference.sampling import SamplingParams, distribution, row_keys, sample, sample_from
 from ernie_jax.inference.speculative import accept_draft
+from ernie_jax.quantization.kv_cache import KVCacheConfig, resolve as resolve_kv_cache
 from ernie_jax.sharding import activate
 
 SPECULATIVE = (None, "mtp")
@@ -70,9 +71,10 @@ def _sub(keys: jax.Array, i: int) -> jax.Array:
     return jax.vmap(lambda k: jax.random.fold_in(k, i))(keys)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "batch", "length", "spec", "vocab"))
-def _init(config, batch: int, length: int, spec: bool, vocab: int) -> tuple[KVCache, Slots]:
-    return (init_cache(config, batch, length, mtp_depths=int(spec)),
+@functools.partial(jax.jit, static_argnames=("config", "batch", "length", "spec", "vocab", "kv_cache"))
+def _init(config, batch: int, length: int, spec: bool, vocab: int,
+          kv_cache: KVCacheConfig | None = None) -> tuple[KVCache, Slots]:
+    return (init_cache(config, batch, length, mtp_depths=int(spec), kv_cache=kv_cache),
             Slots.empty(batch, vocab if spec else 1))
 
 
@@ -209,12 +211,16 @@ class Engine:
     under `ernie_jax.sharding.activate(mesh, rules)` (cache sharded like the activations). `unstack_layers`
     (default: on the CPU backend): decode on a copy of the decoder's weights split per layer, unrolled, as
     MaxText decodes with `scan_layers=False` (`LayerStack`); it costs the decoder's weights once more in memory.
+    `kv_cache`: how the cache stores K / V, e.g. `KVCacheConfig(bits=8, hadamard=True)` (int8 codes with
+    per-token scales after a randomised Hadamard rotation; `ernie_jax.quantization.kv_cache`); default the
+    compute dtype. The MTP depth's cache follows the same scheme.
     """
 
     def __init__(self, model: nnx.Module, *, max_slots: int = 8, max_len: int | None = None,
                  speculative: str | None = None, chunk: int = 8, mesh=None, rules=None,
-                 unstack_layers: bool | None = None):
+                 unstack_layers: bool | None = None, kv_cache: KVCacheConfig | None = None):
         c = model.config
+        kv_cache = resolve_kv_cache(kv_cache, c.head_dim)
         if speculative not in SPECULATIVE:
             raise ValueError(f"speculative must be one of {SPECULATIVE}, got {speculative!r}")
         if speculative == "mtp" and not (c.num_nextn_predict_layers and hasattr(model, "mtp")):
@@ -228,13 +234,14 @@ class Engine:
             raise ValueError(f"max_slots and chunk must be >= 1, got {max_slots} and {chunk}")
         self.model, self.config = model, c
         self.max_slots, self.max_len, self.chunk, self.spec = max_slots, max_len, chunk, speculative == "mtp"
+        self.kv_cache = kv_cache
         self._ctx = (lambda: activate(mesh, rules or "dp")) if mesh is not None else contextlib.nullcontext
         self._graphdef, self._state = nnx.split(model)
         if unstack_layers is None:
             unstack_layers = jax.default_backend() == "cpu"
         self._layers = model.decoder.unstack_layers() if unstack_layers else None
         with self._ctx():
-            self._cache, self._slots = _init(c, max_slots, max_len, self.spec, c.vocab_size)
+            self._cache, self._slots = _init(c, max_slots, max_len, self.spec, c.vocab_size, kv_cache)
         self._owner: list[Request | None] = [None] * max_slots
         self._queue: list[Request] = []
         self._next_id = 0

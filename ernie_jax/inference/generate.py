@@ -12,6 +12,7 @@ from flax import nnx
 
 from ernie_jax.inference.engine import SPECULATIVE, Engine
 from ernie_jax.inference.sampling import SamplingParams
+from ernie_jax.quantization.kv_cache import KVCacheConfig, resolve as resolve_kv_cache
 
 _CONFIG = object()  # eos_token_id default: the config's
 
@@ -55,7 +56,7 @@ def generate(model: nnx.Module, prompts: Sequence[Any], *, max_new_tokens: int, 
              top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_token_id: Any = _CONFIG,
              stop_sequences: Sequence[Sequence[int]] = (), speculative: str | None = None,
              max_batch: int | None = None, chunk: int = 8, mesh=None, rules=None,
-             stats: dict | None = None) -> list[list[int]]:
+             kv_cache: KVCacheConfig | None = None, stats: dict | None = None) -> list[list[int]]:
     """Each prompt's new tokens (at most `max_new_tokens`, cut after eos or a stop sequence).
 
     prompts: token-id lists (text models) or `ernie_jax.processor.prompt.EncodedPrompt`s (VL models).
@@ -63,7 +64,9 @@ def generate(model: nnx.Module, prompts: Sequence[Any], *, max_new_tokens: int, 
     tokens do not depend on the batch it runs in. eos_token_id: default the config's; None never stops early.
     speculative: None or "mtp" (MTP drafts verified by the model: greedy output is identical to plain greedy,
     sampled output has the model's distribution). max_batch: cache slots (default: all prompts at once; more
-    prompts than slots run with continuous batching). stats: filled with the engine's summary when given.
+    prompts than slots run with continuous batching). kv_cache: the cache's storage, e.g.
+    `KVCacheConfig(bits=8)` (int8) or `KVCacheConfig(bits=4, hadamard=True)` (`Engine`); default the compute
+    dtype. stats: filled with the engine's summary when given.
     """
     if eos_token_id is _CONFIG:
         eos_token_id = model.config.eos_token_id
@@ -72,6 +75,7 @@ def generate(model: nnx.Module, prompts: Sequence[Any], *, max_new_tokens: int, 
                          f"{prompts if isinstance(prompts, (str, bytes)) else ''!r}")
     if speculative not in SPECULATIVE:
         raise ValueError(f"speculative must be one of {SPECULATIVE}, got {speculative!r}")
+    resolve_kv_cache(kv_cache, model.config.head_dim)
     if max_batch is not None and max_batch < 1:
         raise ValueError(f"max_batch must be >= 1, got {max_batch}")
     sampling = [SamplingParams(temperature, top_k, top_p, seed + i) for i in range(len(prompts))]
@@ -81,7 +85,7 @@ def generate(model: nnx.Module, prompts: Sequence[Any], *, max_new_tokens: int, 
     for i, p in enumerate(prompts):
         check_prompt(model, p, max_new_tokens, max_len, f"prompts[{i}]")
     engine = Engine(model, max_slots=min(max_batch or len(prompts), len(prompts)), max_len=max_len,
-                    speculative=speculative, chunk=chunk, mesh=mesh, rules=rules)
+                    speculative=speculative, chunk=chunk, mesh=mesh, rules=rules, kv_cache=kv_cache)
     ids = [engine.submit(p, max_new_tokens=max_new_tokens, sampling=s, eos_token_id=eos_token_id,
                          stop_sequences=stop_sequences) for p, s in zip(prompts, sampling)]
     out = engine.run()

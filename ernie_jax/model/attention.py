@@ -21,6 +21,7 @@ from ernie_jax.config import ErnieConfig
 from ernie_jax.model.dense import dense
 from ernie_jax.model.params import const_param, normal_param
 from ernie_jax.model.rope import apply_interleaved_rope
+from ernie_jax.quantization import hadamard, kv_cache as kvq
 from ernie_jax.sharding import current_rules, logical_to_spec, resolve_rules, shard
 
 
@@ -220,12 +221,17 @@ class LayerCache:
     layer: None, or a layer index when k / v are a whole scanned stack's [L, B, Hkv, T, D] (carried through
       the layer scan: the new tokens are scattered into the stack's buffer in place and the layer reads its
       slice, instead of the scan slicing the stack into inputs and stacking a copy of it as outputs).
+    scheme: how k / v are stored (`ernie_jax.quantization.kv_cache`): quantized, k / v are `QuantizedKV`
+      (codes [B, Hkv, T, D or D/2] + scales [B, Hkv, T]; the stack layout with a leading L); with the
+      Hadamard rotation, k / v hold rotated entries, the queries are rotated at `attend` and the output
+      rotated back.
     """
 
-    k: jax.Array | None = None
-    v: jax.Array | None = None
+    k: jax.Array | kvq.QuantizedKV | None = None
+    v: jax.Array | kvq.QuantizedKV | None = None
     index: jax.Array | None = None
     layer: jax.Array | None = None
+    scheme: kvq.KVCacheConfig = struct.field(pytree_node=False, default=kvq.KVCacheConfig())
 
     def append(self, k: jax.Array, v: jax.Array) -> "LayerCache":
         """Writes new keys / values k, v [B, S, Hkv, D] at each row's index (the index does not move)."""
@@ -233,20 +239,23 @@ class LayerCache:
         rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, s))
         pos = self.index[:, None] + jnp.arange(s)[None, :]  # [B, S]
         at = (rows, slice(None), pos) if self.layer is None else (self.layer, rows, slice(None), pos)
-        return self.replace(k=self.k.at[at].set(k.astype(self.k.dtype)), v=self.v.at[at].set(v.astype(self.v.dtype)))
+        return self.replace(k=kvq.write(self.k, at, k, self.scheme), v=kvq.write(self.v, at, v, self.scheme))
 
     def attend(self, q: jax.Array, scale: float) -> jax.Array:
         """q [B, S, Hq, D] (the tokens just appended) over the cache -> [B, S, Hq, D]."""
         k, v = self.k, self.v
         if self.layer is not None:
-            k = jax.lax.dynamic_index_in_dim(k, self.layer, 0, keepdims=False)
-            v = jax.lax.dynamic_index_in_dim(v, self.layer, 0, keepdims=False)
+            k, v = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, self.layer, 0, keepdims=False), (k, v))
+        k, v = kvq.read(k, q.dtype), kvq.read(v, q.dtype)  # dequantized [B, Hkv, T, D]
         names = ("act_batch", "act_kv_heads", None, "act_head_dim")
         k, v = shard(k, names), shard(v, names)
         s, t = q.shape[1], k.shape[2]
         last = self.index[:, None] + jnp.arange(s)[None, :]  # [B, S]: the last key each query sees
         allowed = jnp.arange(t)[None, None, None, :] <= last[:, None, :, None]
-        return _grouped_attention(q, k, v, allowed, scale, never_empty=True)
+        rotated = self.scheme.hadamard  # k, v stored as R k, R v: (R q)·(R k) = q·k; Rᵀ sum_t p_t R v_t = o
+        o = _grouped_attention(hadamard.rotate(q, self.scheme.seed) if rotated else q, k, v, allowed, scale,
+                               never_empty=True)
+        return hadamard.unrotate(o, self.scheme.seed) if rotated else o
 
 
 _IMPLS = {"xla": _xla_attention, "jax_nn": _jax_nn_attention, "flashmask": _flashmask_attention}

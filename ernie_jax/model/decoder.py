@@ -99,7 +99,7 @@ class LayerStack(nnx.Module):
             stats = []
             for i, layer_state in enumerate(layer_states):
                 x, st, lc = nnx.merge(graphdef, layer_state)(x, angles, mask, token_mask, modality,
-                                                             LayerCache(k, v, cache.index, layer=i))
+                                                             cache.replace(k=k, v=v, layer=i))
                 k, v = lc.k, lc.v
                 stats.append(st)
             stats = jax.tree.map(lambda *a: jnp.stack(a), *stats) if stats[0] is not None else None
@@ -109,7 +109,7 @@ class LayerStack(nnx.Module):
                 h, k, v = carry
                 layer_state, i = xs
                 h, stats, lc = nnx.merge(graphdef, layer_state)(h, angles, mask, token_mask, modality,
-                                                                LayerCache(k, v, cache.index, layer=i))
+                                                                cache.replace(k=k, v=v, layer=i))
                 return (h, lc.k, lc.v), stats
 
             (x, k, v), stats = jax.lax.scan(decode_body, (x, cache.k, cache.v),

@@ -1,6 +1,7 @@
 """The engine against a full-recompute greedy oracle; batch invariance; continuous batching (requests joining
 while others decode) equal to solo runs, greedy and sampled; eos / stop sequences / max_new_tokens; sharded
-decoding on the 8-device CPU mesh; bad input rejected before anything compiles."""
+decoding on the 8-device CPU mesh; an int8 KV cache giving the fp cache's greedy tokens; bad input rejected
+before anything compiles."""
 
 import functools
 
@@ -12,8 +13,8 @@ from flax import nnx
 
 import ernie_jax
 from ernie_jax import get_preset
-from ernie_jax.inference import Engine, SamplingParams, engine as engine_module
-from ernie_jax.model import create_model
+from ernie_jax.inference import Engine, KVCacheConfig, SamplingParams, engine as engine_module
+from ernie_jax.model import abstract_model, create_model
 from ernie_jax.processor.prompt import SpecialTokens, Vision, encode_prompt
 from ernie_jax.sharding import MeshConfig, make_mesh
 
@@ -118,6 +119,8 @@ def _vl_prompt():
     ([[1]], dict(max_new_tokens=2, temperature=-1.0), "temperature"),
     ([[1]], dict(max_new_tokens=2, speculative="mtp"), "num_nextn_predict_layers=0"),
     ([[1]], dict(max_new_tokens=2, speculative="eagle"), "speculative"),
+    ([[1]], dict(max_new_tokens=2, kv_cache="int8"), "kv_cache must be a KVCacheConfig or None, got str 'int8'"),
+    ([[1]], dict(max_new_tokens=2, kv_cache=dict(bits=8)), "kv_cache must be a KVCacheConfig"),
     ("vl", dict(max_new_tokens=2), "text model"),
 ])
 def test_bad_input_is_rejected_before_compiling(model, monkeypatch, prompts, kw, match):
@@ -127,6 +130,29 @@ def test_bad_input_is_rejected_before_compiling(model, monkeypatch, prompts, kw,
     monkeypatch.setattr(engine_module, "_init", no_compile)
     with pytest.raises(ValueError, match=match):
         ernie_jax.generate(model, [_vl_prompt()] if prompts == "vl" else prompts, **kw)
+
+
+def test_hadamard_cache_needs_a_power_of_two_head_dim(monkeypatch):
+    monkeypatch.setattr(engine_module, "_init", lambda *a, **k: (_ for _ in ()).throw(AssertionError("compiled")))
+    model = abstract_model(get_preset("tiny-test", head_dim=24))  # no weights: nothing may run on them
+    kv = KVCacheConfig(bits=4, hadamard=True)
+    with pytest.raises(ValueError, match=r"kv_cache=KVCacheConfig\(bits=4, hadamard=True, seed=0\): .*power of two, "
+                                         r"got head_dim=24"):
+        ernie_jax.generate(model, [[1, 2]], max_new_tokens=2, kv_cache=kv)
+    with pytest.raises(ValueError, match="power of two"):
+        Engine(model, kv_cache=kv)
+
+
+def test_int8_cache_greedy_equals_fp_cache(model, monkeypatch):
+    """The same greedy tokens from an int8 cache (codes + per-token scales, read dequantized) as from the fp32
+    one, for prompts of different lengths in one batch."""
+    kw = dict(max_new_tokens=8, eos_token_id=None)
+    fp = ernie_jax.generate(model, PROMPTS, **kw)
+    made, init = [], engine_module._init
+    monkeypatch.setattr(engine_module, "_init", lambda *a, **k: made.append(init(*a, **k)) or made[-1])
+    assert ernie_jax.generate(model, PROMPTS, kv_cache=KVCacheConfig(bits=8), **kw) == fp
+    (cache, _), = made
+    assert cache.scheme == KVCacheConfig(bits=8) and cache.k[0].codes.dtype == jnp.int8
 
 
 def test_engine_rejects_a_prompt_past_its_cache(model):

@@ -13,9 +13,10 @@ from scipy import stats
 
 import ernie_jax
 from ernie_jax import get_preset
-from ernie_jax.inference import Engine, SamplingParams
+from ernie_jax.inference import Engine, KVCacheConfig, SamplingParams
 from ernie_jax.inference.speculative import accept_draft
 from ernie_jax.model import create_model
+from ernie_jax.quantization.kv_cache import QuantizedKV
 
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [3, 4, 5, 6, 7, 8, 9, 10, 11], [40, 41, 42], [7]]
 
@@ -42,6 +43,13 @@ def test_speculative_greedy_equals_plain_greedy():
     spec = ernie_jax.generate(model, PROMPTS, speculative="mtp", stats=st, **kw)
     assert spec == plain
     assert 0 < st["accepted"] < st["forwards"]  # both branches taken
+    # the MTP depth's cache follows the main cache's scheme: int8, rotated
+    eng = Engine(model, max_slots=len(PROMPTS), max_len=32, speculative="mtp",
+                 kv_cache=KVCacheConfig(bits=8, hadamard=True))
+    assert isinstance(eng._cache.mtp_k[0], QuantizedKV) and eng._cache.mtp_k[0].codes.dtype == jnp.int8
+    ids = [eng.submit(p, **kw) for p in PROMPTS]
+    out = eng.run()
+    assert [out[i] for i in ids] == plain and eng.summary()["accepted"] == st["accepted"]
     assert st["tokens_per_forward"] == pytest.approx(1 + st["acceptance_rate"])
     assert len({t for o in plain for t in o}) > 3
     # stops: eos in the middle of an accepted pair, the budget, continuous batching with two slots

@@ -20,6 +20,10 @@ positions, cache and slot state donated as the engine donates them. Checks:
   embedding for the head, one cache, and `SLACK` for one step's activations, the attended layer's K / V
   slices and relayout copies of small weights.
 
+The same chunk with an int8 cache (`KVCacheConfig(bits=8)`: int8 codes and fp32 per-token scales, read
+dequantized layer by layer): it compiles with the cache donated, its arguments hold (D + 4) / 2D of the bf16
+cache's bytes, and its peak is below the bf16 cache's.
+
 Run: `pytest tests/tpu_aot/test_decode_aot.py -v -s` (the figures print with `-s`; docs/benchmarks.md quotes
 them). Outside pytest, `python tests/tpu_aot/test_decode_aot.py --batch 8 --length 2048 --param-dtype float32`
 prints them for other shapes.
@@ -46,6 +50,7 @@ import ernie_jax  # noqa: E402
 from ernie_jax.inference import bytes_per_token  # noqa: E402
 from ernie_jax.inference.engine import _decode_chunk, _init  # noqa: E402
 from ernie_jax.model import abstract_model  # noqa: E402
+from ernie_jax.quantization.kv_cache import KVCacheConfig  # noqa: E402
 from tpu_topology import libtpu_missing, virtual_tpu_devices  # noqa: E402
 
 _MISSING = libtpu_missing()
@@ -63,7 +68,8 @@ def _nbytes(tree) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def compile_decode(batch: int = 8, length: int = 2048, chunk: int = 8, param_dtype: str = "float32") -> dict:
+def compile_decode(batch: int = 8, length: int = 2048, chunk: int = 8, param_dtype: str = "float32",
+                   kv_bits: int | None = None) -> dict:
     """Lowers and compiles `_decode_chunk` for one v5p chip -> the compiled program and the bytes it is checked
     against."""
     device = virtual_tpu_devices(TOPOLOGY)[0]  # one chip: the 0.3B model serves from a single chip
@@ -74,7 +80,8 @@ def compile_decode(batch: int = 8, length: int = 2048, chunk: int = 8, param_dty
 
     cfg = ernie_jax.get_preset("ernie-4.5-0.3b", dtype="bfloat16", param_dtype=param_dtype)
     graphdef, state = nnx.split(abstract_model(cfg))
-    cache, slots = jax.eval_shape(lambda: _init(cfg, batch, length, False, cfg.vocab_size))
+    kv = KVCacheConfig(bits=kv_bits)
+    cache, slots = jax.eval_shape(lambda: _init(cfg, batch, length, False, cfg.vocab_size, kv))
     state, cache, slots = place(state), place(cache), place(slots)
     stop = jax.ShapeDtypeStruct((batch,), jnp.bool_, sharding=on_chip)
     t0 = time.perf_counter()
@@ -90,7 +97,8 @@ def compile_decode(batch: int = 8, length: int = 2048, chunk: int = 8, param_dty
         params=params, compute_copy=0 if param_dtype == "bfloat16" else params // 2,
         head_copy=2 * embed if cfg.tie_word_embeddings else 0, cache=_nbytes(cache), slots=_nbytes(slots),
         n_donated=len(jax.tree.leaves(cache)) + len(jax.tree.leaves(slots)),
-        tokens=batch * chunk * 4, bpt=bytes_per_token(cfg), batch=batch, length=length, chunk=chunk)
+        tokens=batch * chunk * 4, bpt=bytes_per_token(cfg, kv_bits=kv_bits), batch=batch, length=length,
+        chunk=chunk, kv_bits=kv_bits)
 
 
 def peak(m) -> int:
@@ -100,7 +108,8 @@ def peak(m) -> int:
 def report(r: dict) -> str:
     m = r["mem"]
     return (f"decode chunk ({r['chunk']} steps), ernie-4.5-0.3b bf16 compute / {r['cfg'].param_dtype} parameters, "
-            f"cache {r['batch']} x {r['length']} ({r['bpt']:,} bytes per token), one {TOPOLOGY} chip: compile "
+            f"{'int8' if r['kv_bits'] == 8 else 'int4' if r['kv_bits'] == 4 else 'bf16'} cache {r['batch']} x "
+            f"{r['length']} ({r['bpt']:,} bytes per token), one {TOPOLOGY} chip: compile "
             f"{r['compile_s']:.1f} s; parameters {r['params'] / MIB:.1f} MiB, cache {r['cache'] / MIB:.1f} MiB; "
             f"argument {m.argument_size_in_bytes / MIB:.1f} MiB, output {m.output_size_in_bytes / MIB:.1f} MiB, "
             f"alias {m.alias_size_in_bytes / MIB:.1f} MiB, temp {m.temp_size_in_bytes / MIB:.1f} MiB, "
@@ -115,16 +124,20 @@ def decode():
     return r
 
 
+def _check_donated(r: dict) -> None:
+    alias = re.search(r"input_output_alias=\{(.*?)\}, entry_computation_layout", r["hlo"])
+    assert alias is not None, "no input_output_alias in the compiled module: the cache is not donated"
+    assert len(re.findall(r"may-alias|must-alias", alias.group(1))) == r["n_donated"]
+    assert r["cache"] <= r["mem"].alias_size_in_bytes <= r["cache"] + r["slots"] + MIB
+
+
 def test_decode_chunk_compiles_with_cache_donated(decode):
     r, m = decode, decode["mem"]
     assert ":T(8,128)" in r["hlo"], "no TPU tiled layouts in the compiled HLO"
     assert {d.platform for s in jax.tree.leaves(r["compiled"].input_shardings) for d in s.device_set} == {"tpu"}
 
     # Donation: every cache / slot array is aliased to its output, and the aliased bytes cover the cache.
-    alias = re.search(r"input_output_alias=\{(.*?)\}, entry_computation_layout", r["hlo"])
-    assert alias is not None, "no input_output_alias in the compiled module: the cache is not donated"
-    assert len(re.findall(r"may-alias|must-alias", alias.group(1))) == r["n_donated"]
-    assert r["cache"] <= m.alias_size_in_bytes <= r["cache"] + r["slots"] + MIB
+    _check_donated(r)
 
     # Arguments: parameters + cache + slot state (+ the stop mask); TPU tile padding only on the small arrays.
     base = r["params"] + r["cache"] + r["slots"]
@@ -148,6 +161,19 @@ def test_decode_memory_within_bound(decode):
     assert peak(m) < HBM_BYTES
 
 
+def test_int8_cache_decode_chunk(decode):
+    """The int8 cache (codes + fp32 scales per token and kv head) in the same decode chunk."""
+    r, m = compile_decode(kv_bits=8), decode["mem"]
+    print("\n" + report(r))
+    d = r["cfg"].head_dim
+    assert r["cache"] == r["bpt"] * r["batch"] * r["length"] == decode["cache"] * (d + 4) // (2 * d)
+    assert ":T(8,128)" in r["hlo"] and "s8[18,8,2,2048,128]" in r["hlo"]
+    _check_donated(r)
+    base = r["params"] + r["cache"] + r["slots"]
+    assert base <= r["mem"].argument_size_in_bytes <= base + MIB
+    assert peak(r["mem"]) < peak(m), "the int8 cache does not lower the decode chunk's peak"
+
+
 if __name__ == "__main__":  # other shapes, outside pytest
     import argparse
 
@@ -156,7 +182,8 @@ if __name__ == "__main__":  # other shapes, outside pytest
     p.add_argument("--length", type=int, default=2048)
     p.add_argument("--chunk", type=int, default=8)
     p.add_argument("--param-dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--kv-bits", type=int, default=None, choices=(8, 4))
     a = p.parse_args()
     if _MISSING:
         raise SystemExit(_MISSING)
-    print(report(compile_decode(a.batch, a.length, a.chunk, a.param_dtype)))
+    print(report(compile_decode(a.batch, a.length, a.chunk, a.param_dtype, a.kv_bits)))
