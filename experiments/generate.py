@@ -4,6 +4,7 @@
     python -m experiments.generate --workdir=DIR --config=experiments/configs/NAME.py --weights=ema --prompt=...
     python -m experiments.generate --hf_dir=DIR --prompt_ids=1,2,3 [--tokenizer=tokenizer.model --prompt=...]
         [--max_new_tokens=64 --temperature=0.8 --top_k=50 --top_p=0.9 --seed=0 --speculative=mtp]
+        [--kv_bits=8 --kv_hadamard]
 
 The weights come from exactly one of `--workdir` (an `experiments.train` run: the newest loadable Orbax
 checkpoint, raw or `--weights=ema`; `--config` is the run's config file with the overrides that change the
@@ -16,7 +17,8 @@ All prompts decode together, one cache slot each. Each prompt is printed with it
 behind it as chunks are decoded, in prompt order (a later prompt's text, decoded meanwhile, appears when the
 earlier ones end). A short run of the same shapes compiles everything first, so the closing tokens/s is
 decoding speed; with `--speculative=mtp` (MTP drafts, verified) it also gives the draft acceptance rate and
-the tokens per main-model forward.
+the tokens per main-model forward. `--kv_bits=8|4` stores the KV cache as int8 / int4 codes with per-token
+scales, `--kv_hadamard` after a randomised Hadamard rotation (`ernie_jax.quantization.kv_cache`).
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ _TOP_K = flags.DEFINE_integer("top_k", 0, "sample among the k most likely tokens
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "sample among the most likely tokens up to this probability mass")
 _SEED = flags.DEFINE_integer("seed", 0, "sampling seed of the first prompt (prompt i: seed + i)")
 _SPECULATIVE = flags.DEFINE_enum("speculative", None, ["mtp"], "draft with the model's MTP block, verify")
+_KV_BITS = flags.DEFINE_enum("kv_bits", None, ["8", "4"], "store the KV cache as int8 / int4 codes + scales")
+_KV_HADAMARD = flags.DEFINE_boolean("kv_hadamard", False, "rotate K / V (and Q) by a randomised Hadamard "
+                                    "transform before the cache stores them")
 
 _CHUNK = 8  # decode steps per engine chunk (ernie_jax.generate's default)
 
@@ -159,7 +164,8 @@ def main(argv):
 
     import ernie_jax
     from ernie_jax.data.tokenizer import SentencePieceTokenizer
-    from ernie_jax.inference import Engine
+    from ernie_jax.inference import Engine, KVCacheConfig
+    from ernie_jax.inference.cache import bytes_per_token
 
     mesh = rules = None
     if _WORKDIR.value:
@@ -183,18 +189,19 @@ def main(argv):
     eos = tok.eos_id if _WORKDIR.value and tok is not None and tok.eos_id >= 0 else cfg.eos_token_id
     # cache length and slots as ernie_jax.generate picks them, so that the tokens are its own
     max_len = min(cfg.max_position_embeddings, -(-(max(map(len, prompts)) + _MAX_NEW.value) // 64) * 64)
+    kv_cache = KVCacheConfig(bits=None if _KV_BITS.value is None else int(_KV_BITS.value), hadamard=_KV_HADAMARD.value)
 
     def engine(max_new: int, eos_id: int | None) -> tuple[Engine, list[int]]:
         try:
             e = Engine(model, max_slots=len(prompts), max_len=max_len, speculative=_SPECULATIVE.value,
-                       chunk=_CHUNK, mesh=mesh, rules=rules)
+                       chunk=_CHUNK, mesh=mesh, rules=rules, kv_cache=kv_cache)
             ids = []
             for i, (p, s) in enumerate(zip(prompts, sampling)):
                 try:
                     ids.append(e.submit(p, max_new_tokens=max_new, sampling=s, eos_token_id=eos_id))
                 except ValueError as err:
                     raise ValueError(f"--{'prompt' if _PROMPT.value else 'prompt_ids'} #{i}: {err}") from None
-        except ValueError as err:  # a prompt or flag this model cannot take (vocabulary, length, MTP)
+        except ValueError as err:  # a prompt or flag this model cannot take (vocabulary, length, MTP, KV scheme)
             raise app.UsageError(str(err)) from None
         return e, ids
 
@@ -209,6 +216,11 @@ def main(argv):
     s = e.summary()
     n = s["generated_tokens"]
     print(f"{len(prompts)} prompt(s), {n} new tokens in {dt:.3f} s: {n / dt:.1f} tokens/s")
+    if kv_cache.bits or kv_cache.hadamard:
+        print(f"KV cache: {f'int{kv_cache.bits}' if kv_cache.bits else cfg.dtype}"
+              f"{' after a Hadamard rotation' if kv_cache.hadamard else ''}, "
+              f"{bytes_per_token(cfg, mtp_depths=int(bool(_SPECULATIVE.value)), kv_bits=kv_cache.bits)} bytes "
+              f"per token")
     if _SPECULATIVE.value:
         print(f"speculative decoding (MTP drafts): acceptance rate {s['acceptance_rate']:.2f}, "
               f"{s['tokens_per_forward']:.2f} tokens per forward")

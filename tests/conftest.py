@@ -15,3 +15,10 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def pytest_collection_modifyitems(items):
+    """The training and TPU-compile tests (the longest, last in file order) go first, so that the xdist
+    workers finish together instead of one running a long test while the other idles."""
+    first = ("train", "tpu_aot")
+    items.sort(key=lambda item: item.path.parent.name not in first)

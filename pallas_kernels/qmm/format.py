@@ -154,17 +154,19 @@ def dequantize(qt: QuantizedTensor) -> jax.Array:
     return (u * qt.scales[:, None, :] + qt.zeros[:, None, :]).reshape(k, n)
 
 
-def check_tensor(qt: QuantizedTensor, *, name: str = "weight") -> None:
-    """ValueError naming `name` when the codes, scales and zeros of a (loaded) QuantizedTensor disagree."""
+def check_tensor(qt: QuantizedTensor, *, name: str = "weight", lead: tuple[int, ...] = ()) -> None:
+    """ValueError naming `name` when the codes, scales and zeros of a (loaded) QuantizedTensor disagree; `lead`:
+    the leading axes of a stack of them (e.g. (G,) for MoE experts)."""
     k, n = qt.shape
     check_layout(k, n, qt.bits, qt.group_size, name=name)
-    want = {"codes": (k * qt.bits // 8, n), "scales": (k // qt.group_size, n)}
+    want = {"codes": lead + (k * qt.bits // 8, n), "scales": lead + (k // qt.group_size, n)}
     if qt.zeros is not None:
         want["zeros"] = want["scales"]
+    what_weight = f"a stack {list(lead)} of [{k}, {n}]" if lead else f"a [{k}, {n}]"
     for what, shape in want.items():
         got = tuple(getattr(qt, what).shape)
         if got != shape:
-            raise ValueError(f"{name}: {what} of a [{k}, {n}] {qt.bits}-bit weight with group_size={qt.group_size} "
+            raise ValueError(f"{name}: {what} of {what_weight} {qt.bits}-bit weight with group_size={qt.group_size} "
                              f"must be {shape}, got {got}")
     if qt.codes.dtype != jnp.uint8:
         raise ValueError(f"{name}: codes must be uint8, got {qt.codes.dtype}")

@@ -61,22 +61,10 @@ def stack(qts: Sequence[QuantizedTensor]) -> QuantizedTensor:
 
 def check_stack(qts: QuantizedTensor, *, name: str = "rhs") -> int:
     """ValueError naming `name` when a stack's arrays disagree with its layout; returns the group count G."""
-    k, n = qts.shape
-    check_layout(k, n, qts.bits, qts.group_size, name=name)
     if qts.codes.ndim != 3:
         raise ValueError(f"{name}: a stack's codes are [G, K * bits / 8, N], got shape {tuple(qts.codes.shape)}")
-    g = qts.codes.shape[0]
-    want = {"codes": (g, k * qts.bits // 8, n), "scales": (g, k // qts.group_size, n)}
-    if qts.zeros is not None:
-        want["zeros"] = want["scales"]
-    for what, shape in want.items():
-        got = tuple(getattr(qts, what).shape)
-        if got != shape:
-            raise ValueError(f"{name}: {what} of a stack of {g} [{k}, {n}] {qts.bits}-bit weights with "
-                             f"group_size={qts.group_size} must be {shape}, got {got}")
-    if qts.codes.dtype != jnp.uint8:
-        raise ValueError(f"{name}: codes must be uint8, got {qts.codes.dtype}")
-    return g
+    check_tensor(qts, name=name, lead=qts.codes.shape[:1])
+    return qts.codes.shape[0]
 
 
 # --- activations --------------------------------------------------------------------------------------------

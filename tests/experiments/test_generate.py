@@ -17,6 +17,7 @@ from absl import app, flags
 import ernie_jax
 from ernie_jax.data.tokenizer import SentencePieceTokenizer
 from ernie_jax.experiment import load_experiment
+from ernie_jax.inference import KVCacheConfig
 from ernie_jax.sharding import make_mesh, resolve_rules
 from ernie_jax.train.loop import train
 from ernie_jax.train.step import merge_model, split_model
@@ -95,19 +96,31 @@ def _text_prompts(tok):
     return [[tok.bos_id] + tok.encode(p).tolist() for p in PROMPTS]
 
 
-@pytest.mark.parametrize("weights", ["raw", "ema"])
-def test_workdir_text_prompts_equal_generate(run, weights):
+@pytest.mark.parametrize("weights, kv", [("raw", None), ("ema", None), ("raw", 4)])
+def test_workdir_text_prompts_equal_generate(run, weights, kv):
+    """--kv_bits=4 --kv_hadamard: the tokens of generate(..., kv_cache=KVCacheConfig(4, hadamard=True)) and the
+    scheme with its bytes per token in the summary."""
     workdir, train_cfg, data_cfg, raw, ema = run
     tok = SentencePieceTokenizer(data_cfg.tokenizer)
     mesh, rules = make_mesh(train_cfg.mesh), resolve_rules(train_cfg.mesh)
     prompts = _text_prompts(tok)
     kw = {} if weights == "raw" else {"weights": "ema"}
+    scheme = None
+    if kv:
+        kw.update(kv_bits=kv, kv_hadamard=True)
+        scheme = KVCacheConfig(bits=kv, hadamard=True)
     got = _cli(workdir=workdir, config=CONFIG_FILE, prompt=PROMPTS, max_new_tokens=12, **kw)
     want = ernie_jax.generate(raw if weights == "raw" else ema, prompts, max_new_tokens=12,
-                              eos_token_id=tok.eos_id, mesh=mesh, rules=rules)
+                              eos_token_id=tok.eos_id, mesh=mesh, rules=rules, kv_cache=scheme)
     assert got.startswith(f"step 2 of {workdir} ({weights} weights)\n")
     assert _expected(tok, prompts, want) in got
     assert "2 prompt(s)," in got and "tokens/s" in got and "acceptance rate" not in got
+    if kv:
+        c = raw.config
+        per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * (c.head_dim // 2 + 4)  # int4 codes + fp32 scale
+        assert f"KV cache: int4 after a Hadamard rotation, {per_token} bytes per token" in got
+    else:
+        assert "KV cache" not in got
 
 
 def test_workdir_command_line_speculative_sampled(run):
