@@ -216,10 +216,11 @@ def main(argv):
     s = e.summary()
     n = s["generated_tokens"]
     print(f"{len(prompts)} prompt(s), {n} new tokens in {dt:.3f} s: {n / dt:.1f} tokens/s")
-    if kv_cache.bits or kv_cache.hadamard:
-        print(f"KV cache: {f'int{kv_cache.bits}' if kv_cache.bits else cfg.dtype}"
-              f"{' after a Hadamard rotation' if kv_cache.hadamard else ''}, "
-              f"{bytes_per_token(cfg, mtp_depths=int(bool(_SPECULATIVE.value)), kv_bits=kv_cache.bits)} bytes "
+    kv = e.kv_cache  # the scheme the engine decoded with
+    if kv.bits or kv.hadamard:
+        print(f"KV cache: {f'int{kv.bits}' if kv.bits else cfg.dtype}"
+              f"{' after a Hadamard rotation' if kv.hadamard else ''}, "
+              f"{bytes_per_token(cfg, mtp_depths=int(bool(_SPECULATIVE.value)), kv_bits=kv.bits)} bytes "
               f"per token")
     if _SPECULATIVE.value:
         print(f"speculative decoding (MTP drafts): acceptance rate {s['acceptance_rate']:.2f}, "
