@@ -3,8 +3,8 @@
 import os
 
 # LLVM's optimisation level and its expensive passes change how fast the CPU code runs, not what the programs
-# compute; the suite's programs are tiny, so its time is mostly compilation, which these cut by ~40%. Test scripts
-# run as subprocesses (with their own device counts) take them from ERNIE_TEST_XLA_FLAGS.
+# compute; the suite's programs are tiny, so its time is mostly compilation, which these shorten (docs/benchmarks.md,
+# design measurements). Test scripts run as subprocesses (their own device counts) take them from ERNIE_TEST_XLA_FLAGS.
 os.environ["ERNIE_TEST_XLA_FLAGS"] = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), os.environ["ERNIE_TEST_XLA_FLAGS"],
                                     "--xla_force_host_platform_device_count=8"]).strip()

@@ -9,9 +9,9 @@ make the rotation differ from the plain transform, so structured inputs (a key a
 do not concentrate again; flipping signs after the transform would not help, since a symmetric per-token
 quantizer is blind to sign flips of its output channels.
 
-The rotation is applied as a dense [D, D] matmul: at the decode and prefill sizes it is as fast as or faster
-than the log2(D)-stage butterfly (fast Walsh–Hadamard transform) under XLA on the CPU, and on a TPU it is one
-MXU pass where the butterfly is a chain of relayouts. The butterfly builds the matrix.
+The rotation is applied as a dense [D, D] matmul: under XLA on the CPU it is no slower than the log2(D)-stage
+butterfly (fast Walsh–Hadamard transform; docs/benchmarks.md, design measurements), and on a TPU it is one MXU
+pass where the butterfly is a chain of relayouts. The butterfly builds the matrix.
 """
 
 from __future__ import annotations

@@ -13,6 +13,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> dict[str, Path]:
-    """train.jsonl (1500 docs), heldout.jsonl (200), tokenizer.model (vocab 512), built in ~2 s."""
+    """train.jsonl (1500 docs), heldout.jsonl (200), tokenizer.model (vocab 512)."""
     out = tmp_path_factory.mktemp("corpus")
     return text.generate(out, train_docs=1500, heldout_docs=200)

@@ -1,7 +1,7 @@
 """Quantized matmul (pallas_kernels.qmm): the weight format against its definition, and the Pallas kernels
 (interpret mode) against the plain-JAX oracles in `reference`.
 
-The kernels compile once per static variant (bits, symmetry, activation mode), ~1 s each on CPU, so each test
+The kernels compile once per static variant (bits, symmetry, activation mode), so each test
 jits several variants together and the shapes are small; multi-tile grids come from explicit tiles.
 Tolerances: fp32 activations 1e-5 relative to the output's scale (the oracle's math up to fp32 summation
 order); bf16 activations 1e-2 (the kernel rounds the dequantized tile to bf16).
