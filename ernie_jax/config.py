@@ -127,6 +127,9 @@ class ErnieConfig:
     moe_gmm_impl: str = "auto"  # grouped matmul of the dropless path, see ernie_jax.model.grouped_matmul
     moe_gmm_tile: int = 0  # rows per tile of the `tiled` grouped matmul and `bucketed`'s fallback (0 = from shapes)
     mrope_rule: str = "hf"  # VL 3D positions: "hf" (transformers) or "baidu" (Baidu's processor)
+    # layer indices where a new scanned stack starts although the layer kind does not change (a quantization
+    # scheme whose layout changes there: one stack holds one layout per weight)
+    layer_stack_breaks: tuple[int, ...] = ()
 
     def __post_init__(self):
         if self.moe_layer_end_index == self.num_hidden_layers - 1:  # canonical "to the last layer" is -1
@@ -136,6 +139,7 @@ class ErnieConfig:
         else:
             object.__setattr__(self, "moe_intermediate_size", tuple(self.moe_intermediate_size))
         object.__setattr__(self, "mrope_section", tuple(self.mrope_section))
+        object.__setattr__(self, "layer_stack_breaks", tuple(self.layer_stack_breaks))
         if isinstance(self.vision, Mapping):
             object.__setattr__(self, "vision", VisionConfig(**self.vision))
         self._validate()
@@ -162,6 +166,10 @@ class ErnieConfig:
         _check(self.moe_capacity_factor > 0, "moe_capacity_factor", f"must be > 0, got {self.moe_capacity_factor}")
         _check(self.moe_gmm_tile >= 0, "moe_gmm_tile", f"must be >= 0, got {self.moe_gmm_tile}")
         _check(self.mrope_rule in MROPE_RULES, "mrope_rule", f"{self.mrope_rule!r} not in {MROPE_RULES}")
+        b = self.layer_stack_breaks
+        _check(list(b) == sorted(set(b)) and all(isinstance(i, int) and 0 < i < self.num_hidden_layers for i in b),
+               "layer_stack_breaks", f"must be increasing layer indices in (0, num_hidden_layers="
+               f"{self.num_hidden_layers}), got {b}")
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
             v = getattr(self, name)
             _check(v is None or 0 <= v < self.vocab_size, name, f"{v} is outside [0, vocab_size={self.vocab_size})")
@@ -272,7 +280,7 @@ _MOE_ALIASES = {"num_experts": "moe_num_experts", "num_experts_per_tok": "moe_k"
 _VL_TOKENS = ("image_token_id", "image_start_token_id", "image_end_token_id", "video_token_id",
               "video_start_token_id", "video_end_token_id")
 _NUMERICS = ("dtype", "param_dtype", "attention_impl", "remat_policy", "moe_dispatch", "moe_capacity_factor",
-             "moe_gmm_impl", "moe_gmm_tile", "mrope_rule")
+             "moe_gmm_impl", "moe_gmm_tile", "mrope_rule", "layer_stack_breaks")
 
 
 def _rope_theta(d: Mapping[str, Any], src: str) -> float:

@@ -24,6 +24,8 @@ def _ref(name):
     ("remat_policy", "sometimes", "remat_policy"),
     ("attention_impl", "flash", "attention_impl"),
     ("bos_token_id", 10**6, "bos_token_id"),
+    ("layer_stack_breaks", (1, 1), "increasing layer indices"),
+    ("layer_stack_breaks", (2,), "in (0, num_hidden_layers=2)"),
 ])
 def test_bad_value_names_the_field(field, value, needle):
     with pytest.raises(ConfigError, match=f"ErnieConfig.{field}") as e:

@@ -126,11 +126,12 @@ class LayerStack(nnx.Module):
 
 
 def layer_segments(config: ErnieConfig) -> list[tuple[str, int]]:
-    """Runs of consecutive layers of the same kind: [(kind, count), ...] in depth order."""
+    """Runs of consecutive layers of the same kind: [(kind, count), ...] in depth order (a run also ends at
+    each of `config.layer_stack_breaks`)."""
     segs: list[tuple[str, int]] = []
     for i in range(config.num_hidden_layers):
         kind = "moe" if config.is_moe_layer(i) else "dense"
-        if segs and segs[-1][0] == kind:
+        if segs and segs[-1][0] == kind and i not in config.layer_stack_breaks:
             segs[-1] = (kind, segs[-1][1] + 1)
         else:
             segs.append((kind, 1))

@@ -18,7 +18,11 @@ import jax.numpy as jnp
 
 def dense(x: jax.Array, w: jax.Array, n_in: int = 1, **dot_kwargs) -> jax.Array:
     """Contracts the last `n_in` axes of x with the first `n_in` axes of w:
-    x [..., *K], w [*K, *N] -> [..., *N]. `dot_kwargs` go to `jnp.matmul` (e.g. preferred_element_type)."""
+    x [..., *K], w [*K, *N] -> [..., *N]. `dot_kwargs` go to `jnp.matmul` (e.g. preferred_element_type).
+    w may be a quantized weight (`ernie_jax.quantization.quantized_weight`), which does its own matmul."""
     k = math.prod(w.shape[:n_in])
-    out = jnp.matmul(x.reshape(-1, k), w.reshape(k, -1), **dot_kwargs)
+    if isinstance(w, jax.Array):
+        out = jnp.matmul(x.reshape(-1, k), w.reshape(k, -1), **dot_kwargs)
+    else:
+        out = w.matmul(x.reshape(-1, k), **dot_kwargs)
     return out.reshape(x.shape[:x.ndim - n_in] + w.shape[n_in:])

@@ -64,6 +64,12 @@ class Experts(nnx.Module):
     def weights(self, dt):
         return self.wi_gate[...].astype(dt), self.wi_up[...].astype(dt), self.wo[...].astype(dt)
 
+    @property
+    def quantized(self) -> bool:
+        """Whether the weights are quantized (`ernie_jax.quantization.quantized_weight`): inference only, on
+        the `dropless` and `gathered` paths."""
+        return not isinstance(self.wi_gate[...], jax.Array)
+
     def dropless(self, x: jax.Array, r: Routing, *, impl: str, tile: int) -> jax.Array:
         """x [T, H] -> [T, H]."""
         t, k = r.expert_ids.shape
@@ -73,7 +79,12 @@ class Experts(nnx.Module):
         order, inverse = sort_permutation(flat)
         sizes = jnp.bincount(flat, length=e)
         xs = permute_rows(jnp.repeat(x, k, axis=0), order, inverse)  # [T*k, H] sorted by expert
-        ys = expert_swiglu(xs, wg, wu, wo, sizes, act=ACTIVATIONS[self.act], impl=impl, tile=tile)
+        if self.quantized:  # the weights' own grouped matmuls (a Pallas kernel on TPU)
+            act = ACTIVATIONS[self.act]
+            hid = act(wg.grouped_matmul(xs, sizes)) * wu.grouped_matmul(xs, sizes)
+            ys = wo.grouped_matmul(hid, sizes)
+        else:
+            ys = expert_swiglu(xs, wg, wu, wo, sizes, act=ACTIVATIONS[self.act], impl=impl, tile=tile)
         y = permute_rows(ys, inverse, order).reshape(t, k, -1)
         y = jnp.where((r.expert_ids < e)[..., None], y, 0)  # slots of the other modality (id E): no rows
         return jnp.einsum("TKH,TK->TH", y, r.weights.astype(y.dtype))
@@ -84,6 +95,12 @@ class Experts(nnx.Module):
         e = self.wi_gate.shape[0]
         wg, wu, wo = self.weights(x.dtype)
         ids = jnp.minimum(r.expert_ids, e - 1)  # the other modality's id E carries weight 0
+        if self.quantized:  # gather the chosen experts' codes, then dequantize only those
+            xin = wg.inputs(x)
+            g, u, o = (w.take(ids).dequantize() for w in (wg, wu, wo))
+            hid = ACTIVATIONS[self.act](jnp.einsum("TH,TKHI->TKI", xin, g)) * jnp.einsum("TH,TKHI->TKI", xin, u)
+            out = jnp.einsum("TKI,TKIH->TKH", wo.inputs(hid), o)
+            return jnp.einsum("TKH,TK->TH", out, r.weights.astype(out.dtype))
         hid = (ACTIVATIONS[self.act](jnp.einsum("TH,TKHI->TKI", x, wg[ids]))
                * jnp.einsum("TH,TKHI->TKI", x, wu[ids]))
         out = jnp.einsum("TKI,TKIH->TKH", hid, wo[ids])
@@ -169,6 +186,11 @@ class MoEBlock(nnx.Module):
         plan = expert_parallel_plan(c.moe_num_experts, xt.shape[0]) if c.moe_dispatch == "dropless" else None
         if few_tokens and xt.shape[0] * c.moe_k <= c.moe_num_experts:
             y = experts.gathered(xt, r)
+        elif experts.quantized:  # inference: exact dropless dispatch on the weights' grouped matmuls
+            if plan is not None:
+                raise ValueError("quantized experts do not run expert-parallel (the mesh's `expert` axis > 1); "
+                                 "decode the quantized model with expert=1")
+            y = experts.dropless(xt, r, impl=c.moe_gmm_impl, tile=c.moe_gmm_tile)
         elif plan is not None:  # experts split over the `expert` mesh axis, all-to-all token exchange
             y = dropless_expert_parallel(xt, r, *experts.weights(xt.dtype), plan=plan,
                                          act=ACTIVATIONS[experts.act], impl=c.moe_gmm_impl, tile=c.moe_gmm_tile)

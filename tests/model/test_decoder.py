@@ -57,6 +57,9 @@ def test_layer_segments():
     assert layer_segments(get_preset("ernie-4.5-300b-a47b")) == [("dense", 3), ("moe", 51)]
     c = get_preset("tiny-moe-test", num_hidden_layers=6, moe_layer_start_index=1, moe_layer_end_index=3)
     assert layer_segments(c) == [("dense", 1), ("moe", 3), ("dense", 2)]
+    # a break splits a run of one kind; a break at a kind change adds nothing
+    assert layer_segments(c.replace(layer_stack_breaks=(1, 3, 5))) == [("dense", 1), ("moe", 2), ("moe", 1),
+                                                                        ("dense", 1), ("dense", 1)]
 
 
 def test_unknown_layer_kind():
