@@ -33,16 +33,8 @@ def export(config, workdir: str, out: str, *, ema: bool = False, dtype: str | No
     """Restores the newest loadable checkpoint of `workdir` (the run of experiment config `config`), writes
     `out`; returns the step exported."""
     import ernie_jax
-    from ernie_jax.experiment import ExperimentConfigError, load_experiment
-    from ernie_jax.train.restore import RestoreError, restore_model
-    try:
-        exp = load_experiment(config)
-    except ExperimentConfigError as e:
-        raise app.UsageError(str(e)) from None
-    try:
-        model, step = restore_model(exp.train, workdir, ema=ema)
-    except RestoreError as e:
-        raise app.UsageError(f"--workdir={workdir!r}: {e}") from None
+    from ernie_jax.experiment import load_run
+    _, model, step = load_run(config, workdir, ema=ema)
     ernie_jax.save_pretrained(model, out, dtype=dtype)
     return step
 

@@ -3,14 +3,16 @@
     python -m experiments.generate --workdir=runs/tiny --prompt='12+34=' --prompt='reverse abc ='
     python -m experiments.generate --workdir=DIR --config=experiments/configs/NAME.py --weights=ema --prompt=...
     python -m experiments.generate --hf_dir=DIR --prompt_ids=1,2,3 [--tokenizer=tokenizer.model --prompt=...]
+    python -m experiments.generate --quantized=runs/tiny/quantized/w4a8 --prompt='12+34='
         [--max_new_tokens=64 --temperature=0.8 --top_k=50 --top_p=0.9 --seed=0 --speculative=mtp]
         [--kv_bits=8 --kv_hadamard]
 
 The weights come from exactly one of `--workdir` (an `experiments.train` run: the newest loadable Orbax
 checkpoint, raw or `--weights=ema`; `--config` is the run's config file with the overrides that change the
 model or the train state, as for `experiments.export_hf`; text goes through its data config's sentencepiece
-model, bos first when the run's data adds one) or `--hf_dir` (`ernie_jax.from_pretrained`; text needs
-`--tokenizer`, and gets its bos). `--prompt_ids` are used as given. Prompt i samples with seed `--seed + i`,
+model, bos first when the run's data adds one), `--hf_dir` (`ernie_jax.from_pretrained`; text needs
+`--tokenizer`, and gets its bos) or `--quantized` (an `experiments.quantize` output, loaded quantized; text
+through the tokenizer of the run it came from). `--prompt_ids` are used as given. Prompt i samples with seed `--seed + i`,
 as in `ernie_jax.generate`, whose output this equals token for token.
 
 All prompts decode together, one cache slot each. Each prompt is printed with its continuation streaming
@@ -34,6 +36,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/tiny.py
                                           "experiment config file", lock_config=False, accept_new_attributes=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "an experiments.train run's directory (or --hf_dir)")
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "a transformers ERNIE-4.5 directory (instead of --workdir)")
+_QUANTIZED = flags.DEFINE_string("quantized", None, "an experiments.quantize output directory (instead of "
+                                 "--workdir)")
 _WEIGHTS = flags.DEFINE_enum("weights", "raw", ["raw", "ema"], "with --workdir: the raw parameters or their EMA")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "a sentencepiece .model for the text (default with "
                                  "--workdir: the run's data tokenizer; with --hf_dir: none)")
@@ -54,9 +58,14 @@ _CHUNK = 8  # decode steps per engine chunk (ernie_jax.generate's default)
 
 def _check_flags():
     """Usage errors that need no weights -> (each prompt's SamplingParams, the parsed --prompt_ids)."""
-    if bool(_WORKDIR.value) == bool(_HF_DIR.value):
-        raise app.UsageError(f"give exactly one of --workdir (a training run) or --hf_dir (a transformers "
-                             f"directory); got --workdir={_WORKDIR.value!r} --hf_dir={_HF_DIR.value!r}")
+    if sum(map(bool, (_WORKDIR.value, _HF_DIR.value, _QUANTIZED.value))) != 1:
+        raise app.UsageError(f"give exactly one of --workdir (a training run), --hf_dir (a transformers "
+                             f"directory) or --quantized (an experiments.quantize output); got --workdir="
+                             f"{_WORKDIR.value!r} --hf_dir={_HF_DIR.value!r} --quantized={_QUANTIZED.value!r}")
+    if _QUANTIZED.value:
+        for name in ("config", "weights"):
+            if flags.FLAGS[name].present:
+                raise app.UsageError(f"--{name} describes a training run: use it with --workdir, not --quantized")
     if _HF_DIR.value:
         if not os.path.isfile(os.path.join(_HF_DIR.value, "config.json")):
             raise app.UsageError(f"--hf_dir={_HF_DIR.value!r}: no config.json there (not a transformers directory)")
@@ -94,18 +103,10 @@ def _check_flags():
 
 def load_run(config, workdir: str, *, ema: bool):
     """(model, mesh, rules, data config, step) of the newest loadable checkpoint of a training run."""
-    from ernie_jax.experiment import ExperimentConfigError, load_experiment
+    from ernie_jax.experiment import load_run as restore
     from ernie_jax.sharding import make_mesh, resolve_rules
-    from ernie_jax.train.restore import RestoreError, restore_model
 
-    try:
-        exp = load_experiment(config)
-    except ExperimentConfigError as e:
-        raise app.UsageError(str(e)) from None
-    try:
-        model, step = restore_model(exp.train, workdir, ema=ema)
-    except RestoreError as e:
-        raise app.UsageError(f"--workdir={workdir!r}{' --weights=ema' if ema else ''}: {e}") from None
+    exp, model, step = restore(config, workdir, ema=ema)
     return model, make_mesh(exp.train.mesh), resolve_rules(exp.train.mesh), exp.data.train, step
 
 
@@ -172,6 +173,16 @@ def main(argv):
         model, mesh, rules, data_cfg, step = load_run(_CONFIG.value, _WORKDIR.value, ema=_WEIGHTS.value == "ema")
         tok_path, add_bos = _TOKENIZER.value or data_cfg.tokenizer, data_cfg.add_bos
         print(f"step {step} of {_WORKDIR.value} ({_WEIGHTS.value} weights)")
+    elif _QUANTIZED.value:
+        from ernie_jax.quantization.checkpoint import QuantizedCheckpointError, load_quantized, read_manifest
+        try:
+            manifest = read_manifest(_QUANTIZED.value)
+            model = load_quantized(_QUANTIZED.value)
+        except QuantizedCheckpointError as e:
+            raise app.UsageError(f"--quantized: {e}") from None
+        src = manifest["extra"]
+        tok_path, add_bos = _TOKENIZER.value or src.get("tokenizer"), src.get("add_bos", True)
+        print(f"{manifest['scheme']['name']} ({manifest['scheme']['method']}) weights of {src.get('source', '?')}")
     else:
         model = ernie_jax.from_pretrained(_HF_DIR.value)
         tok_path, add_bos = _TOKENIZER.value, True
@@ -186,7 +197,7 @@ def main(argv):
     else:
         prompts = prompt_ids
     # the run's tokenizer's eos, as the trainer's evaluation uses; a transformers directory's config's
-    eos = tok.eos_id if _WORKDIR.value and tok is not None and tok.eos_id >= 0 else cfg.eos_token_id
+    eos = tok.eos_id if not _HF_DIR.value and tok is not None and tok.eos_id >= 0 else cfg.eos_token_id
     # cache length and slots as ernie_jax.generate picks them, so that the tokens are its own
     max_len = min(cfg.max_position_embeddings, -(-(max(map(len, prompts)) + _MAX_NEW.value) // 64) * 64)
     kv_cache = KVCacheConfig(bits=None if _KV_BITS.value is None else int(_KV_BITS.value), hadamard=_KV_HADAMARD.value)

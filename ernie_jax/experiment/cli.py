@@ -1,4 +1,5 @@
-"""The common start of the experiment scripts (train, export_hf, generate)."""
+"""The common start of the experiment scripts (train, export_hf, generate, quantize), and the restore of a
+training run's model that export_hf, generate and quantize share."""
 
 from __future__ import annotations
 
@@ -21,3 +22,20 @@ def start_cli(argv: Sequence[str]) -> None:
         check_overrides_once(sys.argv[1:])
     except ExperimentConfigError as e:
         raise app.UsageError(str(e)) from None
+
+
+def load_run(config, workdir: str, *, ema: bool):
+    """(ExperimentConfig, model, step) of the newest loadable checkpoint of the run in `workdir` whose experiment
+    config is `config` (a ConfigDict); a usage error naming the flag when either does not load."""
+    from ernie_jax.experiment.config import load_experiment
+    from ernie_jax.train.restore import RestoreError, restore_model
+
+    try:
+        exp = load_experiment(config)
+    except ExperimentConfigError as e:
+        raise app.UsageError(str(e)) from None
+    try:
+        model, step = restore_model(exp.train, workdir, ema=ema)
+    except RestoreError as e:
+        raise app.UsageError(f"--workdir={workdir!r}{' (EMA weights)' if ema else ''}: {e}") from None
+    return exp, model, step

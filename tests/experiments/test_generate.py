@@ -1,10 +1,9 @@
 """experiments/generate.py: what the CLI prints behind each prompt is `ernie_jax.generate`'s continuation on
-the same weights: a 2-step run of the tiny config (raw and EMA weights, text and id prompts, one run through
-the real command line) and a transformers directory (greedy, sampled, speculative); bad flags are usage
-errors that name the flag."""
+the same weights: a 2-step run of the tiny config (conftest.py; raw and EMA weights, text and id prompts, one
+run through the real command line), a transformers directory (greedy, sampled, speculative) and a quantized
+checkpoint; bad flags are usage errors that name the flag."""
 
 import contextlib
-import importlib.util
 import io
 import os
 import subprocess
@@ -16,41 +15,16 @@ from absl import app, flags
 
 import ernie_jax
 from ernie_jax.data.tokenizer import SentencePieceTokenizer
-from ernie_jax.experiment import load_experiment
 from ernie_jax.inference import KVCacheConfig
+from ernie_jax.quantization.checkpoint import load_quantized, save_quantized
+from ernie_jax.quantization.model import quantize_model
+from ernie_jax.quantization.scheme import get_scheme
 from ernie_jax.sharding import make_mesh, resolve_rules
-from ernie_jax.train.loop import train
-from ernie_jax.train.step import merge_model, split_model
 from experiments import generate as cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CONFIG_FILE = os.path.join(ROOT, "experiments", "configs", "tiny.py")
+CONFIG_FILE = os.path.join(ROOT, "experiments", "configs", "tiny.py")  # the `run` fixture's (conftest.py)
 FLAGS = flags.FLAGS
-
-
-def _config():
-    spec = importlib.util.spec_from_file_location("_config_file", CONFIG_FILE)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config()
-    c.update({"total_steps": 2, "checkpoint_every_steps": 2, "log_every_steps": 1, "peak_tflops": 1.0})
-    c.optimizer.warmup_steps = 1
-    c.ema.window = 2.0  # the EMA differs from the raw weights after 2 steps; the file's state layout
-    c.data.seq_len, c.data.global_batch_size = 32, 8
-    return c
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A 2-step tiny run (MTP block included): (workdir, train config, data config, raw model, EMA model)."""
-    workdir = tmp_path_factory.mktemp("run")
-    exp = load_experiment(_config())
-    train_cfg, data_cfg = exp.train, exp.data.train
-    out = train(train_cfg, str(workdir), exp.make_pipeline(), progress=False)
-    assert out["step"] == 2 and out["model"].config.num_nextn_predict_layers == 1
-    graphdef, p, b = split_model(jax.eval_shape(lambda: out["model"]))
-    ema = jax.tree.map(lambda e, x: e.astype(x.dtype), out["state"].ema, out["state"].params)
-    return workdir, train_cfg, data_cfg, out["model"], merge_model(graphdef, p, b, ema, out["state"].buffers)
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +141,7 @@ def test_hf_dir_text_prompt_with_tokenizer(hf_dir, run):
 
 
 @pytest.mark.parametrize("values, match", [
-    ({"prompt_ids": "1,2"}, "exactly one of --workdir .* or --hf_dir"),
+    ({"prompt_ids": "1,2"}, "exactly one of --workdir .*--hf_dir .* or --quantized"),
     ({"workdir": "/x", "hf_dir": "/y", "prompt_ids": "1,2"}, "exactly one of --workdir"),
     ({"hf_dir": "HF"}, "--prompt .* or --prompt_ids"),
     ({"hf_dir": "HF", "prompt": "a", "prompt_ids": "1"}, "one of the two"),
@@ -198,3 +172,23 @@ def test_workdir_errors(tmp_path, hf_dir):
         d = tmp_path / "plain"
         ernie_jax.save_pretrained(ernie_jax.create_model(ernie_jax.get_preset("tiny-test"), seed=0), d)
         _cli(hf_dir=d, prompt_ids="1,2", speculative="mtp")
+
+
+def test_quantized_dir_text_prompts_equal_generate(run, tmp_path):
+    """--quantized: the checkpoint loads quantized and text goes through the tokenizer its manifest names."""
+    workdir, _, data_cfg, raw, _ = run
+    scheme = get_scheme("w4a8")
+    d = tmp_path / "w4a8"
+    save_quantized(quantize_model(raw, scheme), d, scheme=scheme,
+                   extra={"source": str(workdir), "tokenizer": data_cfg.tokenizer, "add_bos": data_cfg.add_bos})
+    tok = SentencePieceTokenizer(data_cfg.tokenizer)
+    prompts = _text_prompts(tok)
+    got = _cli(quantized=d, prompt=PROMPTS, max_new_tokens=12)
+    want = ernie_jax.generate(load_quantized(d), prompts, max_new_tokens=12, eos_token_id=tok.eos_id)
+    assert got.startswith(f"w4a8 (rtn) weights of {workdir}\n")
+    assert _expected(tok, prompts, want) in got
+    with pytest.raises(app.UsageError, match="--quantized: .*no quantization.json"):
+        _cli(quantized=tmp_path, prompt_ids="1")
+    with pytest.raises(app.UsageError, match="--weights describes a training run: use it with --workdir, not "
+                                             "--quantized"):
+        _cli(quantized=d, prompt_ids="1", weights="ema")
