@@ -41,6 +41,10 @@ def _check_flags() -> None:
     if bool(_WORKDIR.value) == bool(_HF_DIR.value):
         raise app.UsageError(f"give exactly one of --workdir (a training run) or --hf_dir (a transformers "
                              f"directory); got --workdir={_WORKDIR.value!r} --hf_dir={_HF_DIR.value!r}")
+    if _HF_DIR.value:
+        for name in ("config", "weights"):
+            if flags.FLAGS[name].present:
+                raise app.UsageError(f"--{name} describes a training run: use it with --workdir, not --hf_dir")
     if _HF_DIR.value and not _OUT.value:
         raise app.UsageError("--hf_dir needs --out=DIR (where to write the quantized checkpoint)")
     if _METHOD.value == "gptq" and not _WORKDIR.value:

@@ -104,7 +104,11 @@ def export_tensors(module: nnx.Module, rules: list[Rule], *, dtype: str | None =
     flat = dict(nnx.to_flat_state(nnx.state(module)))
     out: dict[str, np.ndarray] = {}
     for r in rules:
-        arr = np.asarray(jax.device_get(flat[r.ours].get_value()))
+        value = flat[r.ours].get_value()
+        if not isinstance(value, jax.Array):  # a QuantizedWeight: codes + scales have no transformers layout
+            raise ValueError(f"parameter {'/'.join(map(str, r.ours))} is quantized ({type(value).__name__}): a "
+                             f"quantized model is written with ernie_jax.quantization.checkpoint.save_quantized")
+        arr = np.asarray(jax.device_get(value))
         if dtype is not None and not r.keep_fp32:
             arr = arr.astype(jnp.dtype(dtype))
         keys = r.keys()

@@ -124,6 +124,10 @@ def quantize_model(model: nnx.Module, scheme: QuantScheme, *,
     breaks = tuple(sorted(set(config.layer_stack_breaks) | set(scheme.stack_breaks(config))))
     qconfig = dataclasses.replace(config, layer_stack_breaks=breaks)
     old = flatten_params(nnx.to_pure_dict(nnx.state(model)))
+    done = [p for p, v in old.items() if isinstance(v, QuantizedWeight)]
+    if done:
+        raise ValueError(f"quantize_model: the model is already quantized ({done[0]} holds a QuantizedWeight); "
+                         f"quantize the full-precision model")
     target = abstract_model(qconfig)
     graphdef, abstract = nnx.split(target)
     old_slots, new_slots = layer_slots(config), layer_slots(qconfig)
@@ -163,15 +167,9 @@ def quantize_model(model: nnx.Module, scheme: QuantScheme, *,
     return nnx.merge(graphdef, abstract)
 
 
-def quantized_weights(model: nnx.Module) -> dict[str, QuantizedWeight]:
-    """{"/"-joined parameter path: QuantizedWeight} of a (quantized) model."""
-    leaves = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(model)),
-                                                  is_leaf=lambda x: isinstance(x, QuantizedWeight))[0]
-    return {"/".join(str(getattr(k, "key", k)) for k in p): v for p, v in leaves if isinstance(v, QuantizedWeight)}
-
-
 def weight_bytes(model: nnx.Module) -> tuple[int, int]:
-    """(bytes of the decoder projections as stored, bytes of the same projections in bf16)."""
+    """(bytes of the decoder projections: the quantized ones' codes + scales (+ zeros), the others at 2 bytes a
+    value; bytes of all of them in bf16). Embeddings, norms, routers and the MTP block are not counted."""
     stored = bf16 = 0
     for path, v in flatten_params(nnx.to_pure_dict(nnx.state(model))).items():
         if not path.startswith("decoder/stacks/") or path.split("/", 4)[-1].split("/")[0] not in ("attn", "mlp"):

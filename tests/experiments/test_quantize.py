@@ -62,7 +62,7 @@ def test_cli_gptq_calibrates_on_the_runs_training_data(run, tmp_path):
 @pytest.mark.parametrize("flags, match", [
     (["--hf_dir=/x", "--out=/y", "--scheme=w4a8", "--method=gptq"], "--method=gptq calibrates on the run's "
                                                                      "training data: use --workdir"),
-    (["--workdir=/x", "--scheme=w3a8"], "unknown quantization scheme 'w3a8'"),
+    (["--hf_dir=/x", "--out=/y", "--scheme=w4a8", "--weights=ema"], "--weights describes a training run"),
 ])
 def test_bad_flags_are_usage_errors(flags, match):
     assert match in _quantize_cli(*flags, ok=False)

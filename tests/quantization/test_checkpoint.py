@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import ernie_jax
 from ernie_jax.checkpoint.safetensors_io import SafetensorsFile, save_file
 from ernie_jax.model import create_model
 from ernie_jax.presets import get_preset
@@ -90,3 +91,11 @@ def test_mismatched_tensors_are_refused_naming_them(saved, tmp_path):
         load_quantized(tmp_path / "missing")
     with pytest.raises(QuantizedCheckpointError, match="no quantization.json"):
         load_quantized(tmp_path)
+
+
+def test_a_quantized_model_is_not_exported_as_a_transformers_directory(saved, tmp_path):
+    q, _ = saved
+    with pytest.raises(ValueError, match=r"parameter decoder/stacks/0/layers/attn/wq is quantized \(QuantizedWeight\)"
+                                         r": a quantized model is written with .*save_quantized"):
+        ernie_jax.save_pretrained(q, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()

@@ -93,6 +93,8 @@ def test_each_layer_stores_the_round_to_nearest_of_its_own_weight(model):
         assert isinstance(w, QuantizedWeight), (i, rel)
         got = jax.tree.map(lambda a: a[j], w).dequantize()
         np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-6, err_msg=f"layer {i} {rel}")
+    with pytest.raises(ValueError, match=r"already quantized \(decoder/stacks/0/layers/attn/wk holds a "):
+        quantize_model(q, MIXED)
     # the input is untouched: still arrays, still one MoE stack
     assert model.config.layer_stack_breaks == () and len(model.decoder.stacks) == 2
     assert not any(isinstance(v, QuantizedWeight) for v in jax.tree.leaves(
