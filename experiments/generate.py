@@ -12,8 +12,8 @@ checkpoint, raw or `--weights=ema`; `--config` is the run's config file with the
 model or the train state, as for `experiments.export_hf`; text goes through its data config's sentencepiece
 model, bos first when the run's data adds one), `--hf_dir` (`ernie_jax.from_pretrained`; text needs
 `--tokenizer`, and gets its bos) or `--quantized` (an `experiments.quantize` output, loaded quantized; text
-through the tokenizer of the run it came from). `--prompt_ids` are used as given. Prompt i samples with seed `--seed + i`,
-as in `ernie_jax.generate`, whose output this equals token for token.
+through the tokenizer of the run it came from). `--prompt_ids` are used as given. Prompt i samples with seed
+`--seed + i`, as in `ernie_jax.generate`, whose output this equals token for token.
 
 All prompts decode together, one cache slot each. Each prompt is printed with its continuation streaming
 behind it as chunks are decoded, in prompt order (a later prompt's text, decoded meanwhile, appears when the
@@ -40,7 +40,7 @@ _QUANTIZED = flags.DEFINE_string("quantized", None, "an experiments.quantize out
                                  "--workdir)")
 _WEIGHTS = flags.DEFINE_enum("weights", "raw", ["raw", "ema"], "with --workdir: the raw parameters or their EMA")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "a sentencepiece .model for the text (default with "
-                                 "--workdir: the run's data tokenizer; with --hf_dir: none)")
+                                 "--workdir or --quantized: the run's data tokenizer; with --hf_dir: none)")
 _PROMPT = flags.DEFINE_multi_string("prompt", None, "a text prompt (repeat the flag for several)")
 _PROMPT_IDS = flags.DEFINE_multi_string("prompt_ids", None, "a prompt as comma-separated token ids (repeatable)")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 32, "at most this many new tokens per prompt (eos stops)")

@@ -14,7 +14,6 @@ The Markdown table is printed and, with `--out`, written as this script's `## ` 
 from __future__ import annotations
 
 import argparse
-import importlib
 import platform
 import time
 from pathlib import Path
@@ -22,54 +21,36 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 import ernie_jax
 from ernie_jax.data import make_pipeline
 from ernie_jax.model import create_model
+from ernie_jax.quantization.calibration import capture_inputs
 from ernie_jax.quantization.gptq import HessianAccumulator, gptq_dequantized
+from ernie_jax.quantization.model import layer_slots
 from ernie_jax.synthetic.text import default_data_config
 from experiments.bench.report import git_rev, utc_now, write_section
 from pallas_kernels.qmm import format as qformat
 
 SECTION = "## GPTQ vs round-to-nearest (experiments/bench/gptq_vs_rtn.py)"
-# the dense() calls of one attention / MLP block, in call order
-# (ernie_jax.model re-exports a function named `attention`, so the modules are looked up by name)
-SITES = {importlib.import_module("ernie_jax.model.attention"): ("wq", "wk", "wv", "wo"),
-         importlib.import_module("ernie_jax.model.mlp"): ("wi_gate", "wi_up", "mlp_wo")}
-MEASURED = ("wq", "wo", "wi_gate", "mlp_wo")  # wk / wv share wq's input
+MEASURED = ("attn/wq", "attn/wo", "mlp/wi_gate", "mlp/wo")  # wk / wv share wq's input
 jax.config.update("jax_platforms", "cpu")
 
 
 def capture(model, batch) -> dict[tuple[int, str], tuple[np.ndarray, np.ndarray]]:
-    """{(layer, name): (x [T, K] of the real tokens, w [K, N])} of one eager forward pass (jit disabled, so
-    the layer scan runs as a Python loop and every dense() sees concrete arrays)."""
-    seen: dict[tuple[int, str], tuple[np.ndarray, np.ndarray]] = {}
-    real = np.asarray(batch["segment_ids"]).reshape(-1) > 0
-    originals = {mod: mod.dense for mod in SITES}
-
-    def recorder(mod):
-        names, calls = SITES[mod], [0]
-
-        def dense(x, w, n_in=1, **kw):
-            layer, name = divmod(calls[0], len(names))
-            calls[0] += 1
-            k = int(np.prod(w.shape[:n_in]))
-            key = (layer, names[name])
-            if key not in seen:  # the first pass over the layers (an MTP block would come after)
-                seen[key] = (np.asarray(x, np.float32).reshape(-1, k)[real], np.asarray(w, np.float32).reshape(k, -1))
-            return originals[mod](x, w, n_in, **kw)
-        return dense
-
-    try:
-        for mod in SITES:
-            mod.dense = recorder(mod)
-        with jax.disable_jit():
-            model(jnp.asarray(batch["tokens"]), positions=jnp.asarray(batch["positions"]),
-                  segment_ids=jnp.asarray(batch["segment_ids"]))
-    finally:
-        for mod, fn in originals.items():
-            mod.dense = fn
-    return seen
+    """{(layer, path): (x [T, K] of the real tokens, w [K, N])} of one forward pass (`capture_inputs`)."""
+    stacks = nnx.to_pure_dict(nnx.state(model))["decoder"]["stacks"]
+    slots = layer_slots(model.config)
+    out = {}
+    for (layer, rel), x in capture_inputs(model, batch).items():
+        if rel in MEASURED:
+            s, j = slots[layer]
+            w = stacks[s]["layers"]
+            for part in rel.split("/"):
+                w = w[part]
+            out[(layer, rel)] = (x, np.asarray(w[j], np.float32).reshape(x.shape[1], -1))
+    return out
 
 
 def rel_error(x: np.ndarray, w: np.ndarray, w_hat) -> float:
@@ -122,8 +103,8 @@ def main() -> None:
     weights = ", ".join(f"{n} {tuple(acts['train'][(a.layers[0], n)][1].shape)}" for n in MEASURED)
     lines = [
         f"Weights: {'trained (' + a.hf + ')' if a.hf else 'tiny, random init'}; layers {a.layers}: {weights}. "
-        f"Asymmetric, groups of {a.group_size} rows. Hessian from {len(acts['train'][(a.layers[0], 'wq')][0])} "
-        f"train tokens; error on {len(acts['heldout'][(a.layers[0], 'wq')][0])} held-out tokens. "
+        f"Asymmetric, groups of {a.group_size} rows. Hessian from {len(acts['train'][(a.layers[0], 'attn/wq')][0])} "
+        f"train tokens; error on {len(acts['heldout'][(a.layers[0], 'attn/wq')][0])} held-out tokens. "
         f"Relative output error ||x w - x w_hat||^2 / ||x w||^2: mean (max) over the {len(errs[(a.bits[0], 'RTN')])} "
         f"weights.",
         "", "| bits | RTN | GPTQ | GPTQ / RTN | GPTQ ms / weight |", "|---|---|---|---|---|"]
