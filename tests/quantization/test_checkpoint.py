@@ -84,7 +84,8 @@ def test_mismatched_tensors_are_refused_naming_them(saved, tmp_path):
 
     _rewrite(d, tmp_path / "scales", bad_scales)
     with pytest.raises(QuantizedCheckpointError, match=rf"{EXPERTS_WO}: scales of a stack \[2, 8\] of \[16, 32\] "
-                                                       r"2-bit weight with group_size=16 must be \(2, 8, 1, 32\), got \(2, 8, 1, 16\)"):
+                                                       r"2-bit weight with group_size=16 must be \(2, 8, 1, 32\), "
+                                                       r"got \(2, 8, 1, 16\)"):
         load_quantized(tmp_path / "scales")
     _rewrite(d, tmp_path / "missing", lambda t: t.pop(f"{EXPERTS_WO}/zeros"))
     with pytest.raises(QuantizedCheckpointError, match=rf"missing \['{EXPERTS_WO}/zeros'\]"):
