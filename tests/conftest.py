@@ -1,6 +1,7 @@
 """Test set-up: an emulated 8-device CPU mesh, set before jax is imported anywhere."""
 
 import os
+import sys
 
 # LLVM's optimisation level and its expensive passes change how fast the CPU code runs, not what the programs
 # compute; the suite's programs are tiny, so its time is mostly compilation, which these shorten (docs/benchmarks.md,
@@ -15,6 +16,9 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+# the suite runs with --import-mode=importlib: make the shared helpers of this folder (random_weights.py) importable
+sys.path.append(os.path.dirname(__file__))
 
 
 def pytest_collection_modifyitems(items):

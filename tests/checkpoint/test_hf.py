@@ -12,8 +12,8 @@ from safetensors.numpy import load_file, save_file
 
 import ernie_jax
 from ernie_jax import CheckpointError, ErnieConfig, get_preset
-from ernie_jax.model import create_model
 from ernie_jax.sharding import MeshConfig, make_mesh
+from random_weights import random_model
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -74,11 +74,7 @@ def test_transformers_to_ours(name, tmp_path):
 @pytest.mark.parametrize("name", CONFIGS)
 def test_ours_to_transformers(name, tmp_path):
     cfg = CONFIGS[name]
-    ours = create_model(cfg, seed=4)
-    # perturb norm scales so that they are not all ones
-    for stack in ours.decoder.stacks:
-        n = stack.layers.input_norm.scale
-        n[...] = n[...] + 0.1 * jax.random.normal(jax.random.key(1), n[...].shape)
+    ours = random_model(cfg, seed=4)  # every value random: norm scales not all ones, biases not all zeros
     ernie_jax.save_pretrained(ours, tmp_path)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
     assert type(hf).__name__ == "Ernie4_5ForCausalLM"
@@ -142,7 +138,7 @@ def test_bf16_checkpoint(tmp_path):
 @pytest.fixture()
 def saved(tmp_path):
     cfg = CONFIGS["mqa_bias_untied"]
-    ernie_jax.save_pretrained(create_model(cfg), tmp_path)
+    ernie_jax.save_pretrained(random_model(cfg), tmp_path)
     return tmp_path
 
 
@@ -197,6 +193,6 @@ def test_failed_save_leaves_the_old_checkpoint(saved, monkeypatch):
 
     monkeypatch.setattr(hf_mod, "save_file", boom)
     with pytest.raises(OSError, match="disk full"):
-        ernie_jax.save_pretrained(create_model(CONFIGS["mqa_bias_untied"], seed=9), saved)
+        ernie_jax.save_pretrained(random_model(CONFIGS["mqa_bias_untied"], seed=9), saved)
     assert {n: (saved / n).read_bytes() for n in os.listdir(saved)} == before
     assert not [n for n in os.listdir(saved.parent) if n.startswith(".ernie_jax_save_")]

@@ -10,22 +10,26 @@ import time
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 from jax.sharding import NamedSharding
 
 import ernie_jax
 from ernie_jax.checkpoint.orbax import Checkpointer
-from ernie_jax.model import create_model
-from ernie_jax.sharding import MeshConfig, make_mesh
+from ernie_jax.sharding import MeshConfig, make_mesh, param_shardings, resolve_rules
 from ernie_jax.train.optimizer import OptimizerConfig, make_optimizer
 from ernie_jax.train.step import init_train_state
+from random_weights import random_model
 
 CFG = ernie_jax.get_preset("tiny-moe-test", num_hidden_layers=2, moe_layer_start_index=1)
 LOGGER = "ernie_jax.checkpoint.orbax"
 
 
 def _state(mesh, seed):
+    """A train state sharded on `mesh` by the fsdp rules (host-drawn weights: no initialiser to compile)."""
     tx, _ = make_optimizer(OptimizerConfig(warmup_steps=2), 10)
-    return init_train_state(create_model(CFG, seed=seed, mesh=mesh, rules="fsdp"), tx, ema=True)
+    graphdef, state = nnx.split(random_model(CFG, seed=seed))
+    state = jax.device_put(state, param_shardings(state, mesh, resolve_rules("fsdp")))
+    return init_train_state(nnx.merge(graphdef, state), tx, ema=True)
 
 
 def _bump(state, k):

@@ -229,11 +229,15 @@ def test_model_packed_documents_equal_separate_runs():
     """attention_impl="flashmask": segment ids of a packed row become a causal-document mask, so each
     document's logits equal those of the document run alone (XLA attention, same weights); right padding
     (attention_mask) leaves the real tokens alone too."""
-    from ernie_jax import get_preset
-    from ernie_jax.model import create_model
+    from flax import nnx
 
-    model = create_model(get_preset("tiny-test", attention_impl="flashmask"), seed=1)
-    alone_model = create_model(get_preset("tiny-test"), seed=1)
+    from ernie_jax import get_preset
+    from ernie_jax.model import abstract_model
+    from random_weights import random_model
+
+    alone_model = random_model(get_preset("tiny-test"), seed=1)
+    model = nnx.merge(nnx.graphdef(abstract_model(get_preset("tiny-test", attention_impl="flashmask"))),
+                      nnx.state(alone_model))  # the same weights
     lens = [50, 9, 37, 28]  # 124 tokens + 4 padding in one row of 128
     r = np.random.RandomState(0)
     docs = [jnp.asarray(r.randint(0, 128, (1, n)), jnp.int32) for n in lens]
@@ -284,9 +288,10 @@ def _xla_reference(changes: tuple):
     from flax import nnx
 
     from ernie_jax import get_preset
-    from ernie_jax.model import abstract_model, create_model
+    from ernie_jax.model import abstract_model
+    from random_weights import random_model
 
-    state = nnx.state(create_model(get_preset("tiny-test", **dict(changes)), seed=3))
+    state = nnx.state(random_model(get_preset("tiny-test", **dict(changes)), seed=3))
     batch = _packed_batch(4, 128, seed=2)
     g_xla = nnx.graphdef(abstract_model(get_preset("tiny-test", attention_impl="xla", **dict(changes))))
     (_, logits), grads = jax.jit(_masked_square_loss(g_xla))(state, *batch)

@@ -19,6 +19,7 @@ from pallas_kernels.gmm import choose_tiling, gmm, tgmm
 from pallas_kernels.gmm import kernel as K
 from pallas_kernels.gmm.ops import VMEM_BUDGET, vmem_bytes
 from pallas_kernels.gmm.reference import gmm_numpy, gmm_reference, tgmm_numpy, tgmm_reference
+from random_weights import random_model
 
 
 def _close(actual, expected, tol, what=""):
@@ -279,7 +280,7 @@ def test_moe_layer_pallas_equals_ragged_dot():
     One set of weights (created once); the pallas model's graph comes from the abstract model."""
     ids = jnp.asarray(np.random.RandomState(0).randint(0, 128, (2, 16)), jnp.int32)
     cfg = ernie_jax.get_preset("tiny-moe-test", moe_gmm_impl="ragged_dot", num_hidden_layers=2)
-    ref_graphdef, state = nnx.split(ernie_jax.create_model(cfg, seed=0))
+    ref_graphdef, state = nnx.split(random_model(cfg, seed=0))
     pallas_graphdef = nnx.split(ernie_jax.abstract_model(cfg.replace(moe_gmm_impl="pallas")))[0]
     graphdefs = {"ragged_dot": ref_graphdef, "pallas": pallas_graphdef}
     results = {}

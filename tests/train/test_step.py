@@ -7,10 +7,10 @@ from flax import nnx
 
 from ernie_jax import get_preset
 from ernie_jax.losses import token_balanced_loss, token_cross_entropy
-from ernie_jax.model import create_model
 from ernie_jax.train.ema import EMAConfig
 from ernie_jax.train.optimizer import OptimizerConfig, make_optimizer
 from ernie_jax.train.step import LossConfig, init_train_state, make_train_step
+from random_weights import random_model
 
 
 def _batch(a, b, s, seed=0, vocab=128):
@@ -39,7 +39,7 @@ def test_token_balanced_loss_gradient_and_value():
 def setup():
     # ragged_dot: the quickest grouped matmul to compile on CPU (each backend has its own tests)
     cfg = get_preset("tiny-moe-test", num_hidden_layers=2, moe_layer_start_index=1, moe_gmm_impl="ragged_dot")
-    model = create_model(cfg, seed=0)
+    model = random_model(cfg, seed=0, correction_biases=False)  # host-drawn: no initialiser to compile
     tx, sched = make_optimizer(OptimizerConfig(peak_lr=1e-2, warmup_steps=0), 100)
     return model, tx, sched
 
@@ -97,7 +97,7 @@ def test_mtp_loss_in_the_step():
     """With MTP depth 1 the step adds mtp_coef * (masked mean CE of the depth-1 logits against the targets one
     further ahead, never across a document boundary): metric and SGD update against that loss written out
     here (shifted inputs and targets built by hand, not with `mtp_inputs` / `mtp_targets`)."""
-    model = create_model(get_preset("tiny-test", num_nextn_predict_layers=1), seed=0)
+    model = random_model(get_preset("tiny-test", num_nextn_predict_layers=1), seed=0)
     tx, sched = _sgd()
     b = _batch(1, 2, 8, seed=3)
     seg = np.array([[1, 1, 1, 1, 2, 2, 2, 2], [1, 1, 1, 1, 1, 1, 0, 0]], np.int32)  # packed; padding = 0
@@ -153,10 +153,17 @@ def test_router_lr_multiplier_scales_router_updates_only(setup):
     assert routers == 1
 
 
-def test_ema_follows_the_updated_params(setup):
+@pytest.fixture(scope="module")
+def ema_step(setup):
+    """The step with an EMA and the correction-bias update (buffers that a step changes), compiled once."""
+    model, tx, sched = setup
+    return jax.jit(make_train_step(model, tx, sched, LossConfig(aux_free_coef=1e-2), ema_cfg=EMAConfig(decay=0.75)))
+
+
+def test_ema_follows_the_updated_params(setup, ema_step):
     """EMA after a step = decay * EMA before + (1 - decay) * the new params, in fp32."""
     model, tx, sched = setup
-    step = jax.jit(make_train_step(model, tx, sched, LossConfig(), ema_cfg=EMAConfig(decay=0.75)))
+    step = ema_step
     state = init_train_state(model, tx, ema=True)
     ema0 = jax.tree.map(lambda p: np.asarray(p, np.float32) + 1.0, state.params)  # an EMA apart from the params
     state = state.replace(ema=jax.tree.map(jnp.asarray, ema0))
@@ -165,9 +172,9 @@ def test_ema_follows_the_updated_params(setup):
                        rtol=1e-6, atol=1e-6)
 
 
-def test_nonfinite_step_is_skipped_and_counted(setup):
-    model, tx, sched = setup
-    step = jax.jit(make_train_step(model, tx, sched, LossConfig(aux_free_coef=1e-2), ema_cfg=EMAConfig(decay=0.9)))
+def test_nonfinite_step_is_skipped_and_counted(setup, ema_step):
+    model, tx, _ = setup
+    step = ema_step
     state = init_train_state(model, tx, ema=True)
     state, _ = step(state, _batch(1, 2, 8))
     before = jax.tree.map(np.asarray, (state.params, state.buffers, state.opt_state, state.ema))
@@ -205,7 +212,7 @@ def test_aux_free_update_through_the_step_per_stack():
     counts): over-used experts down, under-used up."""
     cfg = get_preset("tiny-moe-test", num_hidden_layers=4, moe_layer_start_index=0, moe_layer_interval=2,
                      moe_gmm_impl="ragged_dot")
-    model = create_model(cfg, seed=1)
+    model = random_model(cfg, seed=1, correction_biases=False)
     tx, sched = _sgd(0.0)
     b = _batch(2, 2, 8, seed=5)
     state, m = jax.jit(make_train_step(model, tx, sched, LossConfig(mtp_coef=0.0, aux_free_coef=0.25)))(
