@@ -234,7 +234,7 @@ def _check_stats(stats, ref):
 
 def test_block_stats_with_token_mask(oracle):
     x, _, _ = oracle
-    blk = _block()
+    blk = _block(moe_gmm_impl="ragged_dot")  # router statistics: the quickest grouped matmul to compile on CPU
     mask = np.ones(x.shape[:2], bool)
     mask[0, 10:] = False
     mask[1, :3] = False
@@ -265,7 +265,9 @@ def test_stats_reproduce_transformers_aux_loss(tmp_path):
     transformers = pytest.importorskip("transformers")
     from transformers.models.ernie4_5_moe.modeling_ernie4_5_moe import load_balancing_loss_func
 
-    cfg = get_preset("tiny-moe-test", num_hidden_layers=4, moe_layer_interval=2, moe_layer_end_index=3)
+    # router statistics: the quickest grouped matmul to compile on CPU (each backend has its own tests)
+    cfg = get_preset("tiny-moe-test", num_hidden_layers=4, moe_layer_interval=2, moe_layer_end_index=3,
+                     moe_gmm_impl="ragged_dot")
     moe_layers = [i for i in range(4) if cfg.is_moe_layer(i)]
     assert moe_layers == [1, 3]  # two MoE stacks separated by a dense one
     ours = _random_model(cfg, seed=0)
@@ -344,7 +346,7 @@ def test_vl_tokens_route_only_through_their_modality_pool(dispatch):
 
 
 def test_vl_without_type_ids_is_all_text():
-    block = _vl_block()
+    block = _vl_block(moe_gmm_impl="ragged_dot")  # the quickest grouped matmul to compile on CPU
     x = jnp.asarray(np.random.RandomState(5).randn(1, 8, VL.hidden_size), jnp.float32)
     y_none, st_none = _vl_run(*nnx.split(block), x, None, None)
     y_zero, st_zero = _vl_run(*nnx.split(block), x, None, jnp.zeros((1, 8), jnp.int32))
