@@ -33,6 +33,9 @@ class AttentionMask:
     q_segment_ids / kv_segment_ids: [B, Sq] / [B, Sk] int; a query sees only keys of its own segment
       (packed documents). Both or neither.
     kv_valid: [B, Sk] bool; False marks padding keys (transformers' `attention_mask`).
+    kv_visible_until: [B, Sk] int; key j is hidden from the query rows at positions >= kv_visible_until[j]
+      (FlashMask's lower-triangle end column): the shared-question mask of DPO rows, where the rejected reply
+      does not see the chosen one before it (`posttrain.preference_pipeline`).
     A query row that sees no key at all gets zero attention output, never NaN.
     """
 
@@ -40,6 +43,7 @@ class AttentionMask:
     q_segment_ids: jax.Array | None = None
     kv_segment_ids: jax.Array | None = None
     kv_valid: jax.Array | None = None
+    kv_visible_until: jax.Array | None = None
 
     def dense(self, sq: int, sk: int) -> jax.Array:
         """The boolean mask [B or 1, 1, Sq, Sk] (True = attend)."""
@@ -50,12 +54,15 @@ class AttentionMask:
             m = m & (self.q_segment_ids[:, None, :, None] == self.kv_segment_ids[:, None, None, :])
         if self.kv_valid is not None:
             m = m & self.kv_valid.astype(bool)[:, None, None, :]
+        if self.kv_visible_until is not None:
+            m = m & ((jnp.arange(sq) + (sk - sq))[:, None] < self.kv_visible_until[:, None, None, :])
         return m
 
     def every_query_sees_a_key(self, sq: int, sk: int) -> bool:
         """True when no query row can be fully masked, known from the static structure alone (plain
         causal, queries the last Sq of Sk >= Sq positions: query i sees at least key i + Sk - Sq)."""
-        return self.causal and self.q_segment_ids is None and self.kv_valid is None and sk >= sq
+        return (self.causal and self.q_segment_ids is None and self.kv_valid is None
+                and self.kv_visible_until is None and sk >= sq)
 
 
 # Causal attention over at least this many queries runs as this many query blocks: block i needs only the
@@ -123,7 +130,8 @@ def flashmask_indices(mask: AttentionMask, sq: int, sk: int, batch: int) -> jax.
 
     Segments must be contiguous runs (packed documents): key j is then visible to rows up to the end of
     its run (causal: [LTS] = run end) and, non-causal, from the start of its run ([LTS, UTE] = [end, start]).
-    Padding keys (kv_valid False) are masked for every row. Requires Sq == Sk (self-attention)."""
+    Padding keys (kv_valid False) are masked for every row; `kv_visible_until` lowers a key's run end. Requires
+    Sq == Sk (self-attention)."""
     from pallas_kernels.flashmask.masks import segment_bounds
 
     if mask.q_segment_ids is not None:
@@ -131,6 +139,8 @@ def flashmask_indices(mask: AttentionMask, sq: int, sk: int, batch: int) -> jax.
     else:
         start = jnp.zeros((batch, sk), jnp.int32)
         end = jnp.full((batch, sk), sq, jnp.int32)
+    if mask.kv_visible_until is not None:
+        end = jnp.minimum(end, mask.kv_visible_until.astype(end.dtype))
     if mask.kv_valid is not None:
         valid = mask.kv_valid.astype(bool)
         end = jnp.where(valid, end, 0)

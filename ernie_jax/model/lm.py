@@ -50,7 +50,8 @@ class ErnieForCausalLM(nnx.Module):
 
     def __call__(self, input_ids: jax.Array, *, positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None, attention_mask: jax.Array | None = None,
-                 mtp_input_ids: jax.Array | None = None) -> CausalLMOutput:
+                 mtp_input_ids: jax.Array | None = None, kv_visible_until: jax.Array | None = None
+                 ) -> CausalLMOutput:
         """input_ids [B, S] int.
 
         positions [B, S]: RoPE positions (default 0..S-1; restart per document for packed rows).
@@ -58,6 +59,7 @@ class ErnieForCausalLM(nnx.Module):
         attention_mask [B, S]: 1 for real tokens, 0 for padding keys (transformers' convention).
         mtp_input_ids [D, B, S]: inputs of the MTP depths (depth d: the sequence shifted left by d, see
           `mtp_inputs`); MTP logits are computed only when given (training), and D must equal the config's.
+        kv_visible_until [B, S]: the row from which each key is hidden (`AttentionMask`; DPO's shared prompt).
         """
         c = self.config
         b, s = input_ids.shape
@@ -65,7 +67,7 @@ class ErnieForCausalLM(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
         angles = rope_angles(positions, c.head_dim, c.rope_theta)
         return self._decode(self._embed(input_ids), angles, segment_ids=segment_ids, attention_mask=attention_mask,
-                            mtp_input_ids=mtp_input_ids)
+                            mtp_input_ids=mtp_input_ids, kv_visible_until=kv_visible_until)
 
     def _embed(self, ids: jax.Array) -> jax.Array:
         """[B, S] int -> [B, S, H] in the compute dtype."""
@@ -73,13 +75,14 @@ class ErnieForCausalLM(nnx.Module):
 
     def _decode(self, x: jax.Array, angles: jax.Array, *, segment_ids: jax.Array | None,
                 attention_mask: jax.Array | None, mtp_input_ids: jax.Array | None = None,
-                modality: jax.Array | None = None) -> CausalLMOutput:
+                modality: jax.Array | None = None, kv_visible_until: jax.Array | None = None) -> CausalLMOutput:
         """Input embeddings x [B, S, H] and RoPE angles [B, S, D/2] -> decoder stacks, norm, head (+ MTP).
         modality [B, S]: VL routing type ids for the MoE layers."""
         c = self.config
         b, s, _ = x.shape
         mask = AttentionMask(causal=True, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
-                             kv_valid=None if attention_mask is None else attention_mask.astype(bool))
+                             kv_valid=None if attention_mask is None else attention_mask.astype(bool),
+                             kv_visible_until=kv_visible_until)
         x = shard(x, ("act_batch", "act_length", "act_embed"))
         x, moe_stats = self.decoder(x, angles, mask, mask.kv_valid, modality)  # real tokens: the router statistics
         h = self.final_norm(x)

@@ -32,8 +32,8 @@ from ernie_jax.sharding import MeshConfig, activate, logical_to_spec, make_mesh,
 from ernie_jax.train.flops import device_peak_tflops, flops_per_token, measure_peak_tflops
 from ernie_jax.train.ema import EMAConfig
 from ernie_jax.train.optimizer import OptimizerConfig, make_optimizer
-from ernie_jax.train.step import (BATCH_KEYS, VL_KEYS, LossConfig, TrainState, init_train_state, make_train_step,
-                                  merge_model)
+from ernie_jax.train.step import (BATCH_KEYS, VL_KEYS, LossConfig, Objective, TrainState, init_train_state,
+                                  make_train_step, merge_model)
 from ernie_jax.train.tensorboard import EventWriter
 
 log = logging.getLogger(__name__)
@@ -121,11 +121,26 @@ def _flatten_metrics(metrics: dict) -> dict[str, float]:
     return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
-def train(cfg: TrainConfig, workdir: str, data: Iterator[dict], *,
-          eval_fn: Callable[[nnx.Module, int], dict[str, float]] | None = None,
-          eval_every_steps: int = 0, progress: bool = True) -> dict[str, Any]:
-    """Trains until cfg.total_steps (resuming from workdir/checkpoints if there is one). Returns a summary:
-    final step, last metrics, whether it stopped early on a signal, and the final model."""
+@dataclasses.dataclass
+class Run:
+    """What a training run starts from (`start_run`): its mesh and rules, checkpointer, model (the module whose
+    graph and shardings the steps use), optimizer and schedule, the train state (fresh or restored) and the
+    restored data state (None on a fresh start)."""
+
+    mesh: Any
+    rules: Any
+    ckpt: Checkpointer
+    model: nnx.Module
+    tx: Any
+    schedule: Any
+    state: TrainState
+    data_state: Any
+
+
+def start_run(cfg: TrainConfig, workdir: str) -> Run:
+    """The mesh, the model (created, or `cfg.init_from`'s weights when the workdir has no checkpoint), the
+    optimizer and the train state, restored from the newest checkpoint of workdir when there is one; the one
+    place a run's state is built (pre-training, SFT, DPO and RL loops alike)."""
     mesh = make_mesh(cfg.mesh)
     rules = resolve_rules(cfg.mesh)
     log.info("resolved config:\n%s", cfg)
@@ -140,21 +155,38 @@ def train(cfg: TrainConfig, workdir: str, data: Iterator[dict], *,
     log.info("parameters: %s\n%s", f"{count_params(cfg.model):,}", sharding_table(nnx.state(model), mesh, rules))
     tx, schedule = make_optimizer(cfg.optimizer, cfg.total_steps)
     state = init_train_state(model, tx, ema=cfg.ema.enabled)
-    state_shardings = jax.tree.map(lambda a: a.sharding, state)
-
     restored = ckpt.restore(state, with_data=True)
     if restored is None and ckpt.all_steps():  # never train over checkpoints of another run silently
         raise RuntimeError(f"none of the checkpoints {ckpt.all_steps()} in {ckpt.directory} can be restored into "
                            "this config's train state (see the warnings above); refusing to start over on top of "
                            "them: use another --workdir or remove them")
+    data_state = None
     if restored is not None:
         step0, state, data_state = restored
-        data.set_state(data_state)
         log.info("resumed from step %d of %s", step0, ckpt.directory)
+    return Run(mesh, rules, ckpt, model, tx, schedule, state, data_state)
+
+
+def train(cfg: TrainConfig, workdir: str, data: Iterator[dict], *,
+          eval_fn: Callable[[nnx.Module, int], dict[str, float]] | None = None,
+          eval_every_steps: int = 0, progress: bool = True, objective: Objective | None = None,
+          batch_keys: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Trains until cfg.total_steps (resuming from workdir/checkpoints if there is one). Returns a summary:
+    final step, last metrics, whether it stopped early on a signal, and the final model.
+
+    objective / batch_keys: a post-training objective in place of the LM loss and the extra batch keys it
+    reads (`make_train_step`)."""
+    run = start_run(cfg, workdir)
+    mesh, rules, ckpt, model, tx, schedule, state = (run.mesh, run.rules, run.ckpt, run.model, run.tx, run.schedule,
+                                                     run.state)
+    state_shardings = jax.tree.map(lambda a: a.sharding, state)
+    if run.data_state is not None:
+        data.set_state(run.data_state)
     start = int(state.step)
 
     with activate(mesh, rules):
-        step_fn = jax.jit(make_train_step(model, tx, schedule, cfg.loss, ema_cfg=cfg.ema), donate_argnums=0,
+        step_fn = jax.jit(make_train_step(model, tx, schedule, cfg.loss, ema_cfg=cfg.ema, objective=objective,
+                                          batch_keys=batch_keys), donate_argnums=0,
                           out_shardings=(state_shardings, None))
     peak = cfg.peak_tflops or device_peak_tflops(jax.devices()[0]) or measure_peak_tflops()
     writer = MetricsWriter(workdir)
@@ -166,7 +198,7 @@ def train(cfg: TrainConfig, workdir: str, data: Iterator[dict], *,
     with _StopRequest() as stop:
         step = start
         while step < cfg.total_steps:
-            batch = _to_global(next(data), mesh, rules, cfg.micro_batches)
+            batch = global_batch(next(data), mesh, rules, cfg.micro_batches, batch_keys)
             with activate(mesh, rules):
                 state, m = step_fn(state, batch)
             step = int(state.step) if int(m["skipped"]) == 0 else step  # a skipped step does not advance
@@ -202,30 +234,32 @@ def train(cfg: TrainConfig, workdir: str, data: Iterator[dict], *,
     bar.close()
     ckpt.close()
     writer.close()
-    summary.update(step=step, metrics=metrics, model=_model(model, state), state=state)
+    summary.update(step=step, metrics=metrics, model=state_model(model, state), state=state)
     return summary
 
 
 def evaluate(eval_fn: Callable[[nnx.Module, int], dict[str, float]], model: nnx.Module, state: TrainState,
              step: int) -> dict[str, float]:
     """eval_fn on the raw weights, and on the EMA weights (keys prefixed `ema_`) when there is an EMA."""
-    out = eval_fn(_model(model, state), step)
+    out = eval_fn(state_model(model, state), step)
     if state.ema is not None:
-        out.update({f"ema_{k}": v for k, v in eval_fn(_model(model, state, ema=True), step).items()})
+        out.update({f"ema_{k}": v for k, v in eval_fn(state_model(model, state, ema=True), step).items()})
     return out
 
 
-def _model(model: nnx.Module, state: TrainState, ema: bool = False) -> nnx.Module:
+def state_model(model: nnx.Module, state: TrainState, ema: bool = False) -> nnx.Module:
+    """`model`'s module holding the state's raw (or EMA) parameters: the state's own arrays, nothing copied."""
     graphdef, abs_params, abs_buffers = nnx.split(nnx.eval_shape(lambda: model), nnx.Param, ...)
     params = state.ema if ema else state.params
     return merge_model(graphdef, abs_params, abs_buffers, params, state.buffers)
 
 
-def _to_global(local: dict[str, np.ndarray], mesh, rules, micro_batches: int) -> dict[str, jax.Array]:
+def global_batch(local: dict[str, np.ndarray], mesh, rules, micro_batches: int, extra_keys: tuple[str, ...] = ()
+               ) -> dict[str, jax.Array]:
     """Per-process [B_local, S, ...] numpy -> global [A, B / A, S, ...] arrays sharded over the batch axes
     (and the length axis for [B, S] arrays; VL pixel values [B, P, D] and grids [B, N, 3] by rows only)."""
     out = {}
-    for k in BATCH_KEYS + VL_KEYS:
+    for k in BATCH_KEYS + VL_KEYS + tuple(extra_keys):
         if k not in local:
             continue
         a = np.asarray(local[k])

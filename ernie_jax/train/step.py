@@ -109,17 +109,31 @@ def merge_model(graphdef, abstract_params, abstract_buffers, params, buffers) ->
     return nnx.merge(graphdef, p, b)
 
 
+# A post-training objective in place of the LM loss: (model, micro-batch) -> (loss, aux). aux holds scalar
+# metrics (averaged over the micro-batches into the step's metrics) and, for MoE models, "moe_stats" (the
+# forward's MoEStats: the aux / z / orthogonality losses and the bias update then apply as in pre-training).
+Objective = Callable[[nnx.Module, dict], tuple[jax.Array, dict]]
+
+
 def make_train_step(model: nnx.Module, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    loss_cfg: LossConfig, *, ema_cfg: EMAConfig = EMAConfig()
-                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+                    loss_cfg: LossConfig, *, ema_cfg: EMAConfig = EMAConfig(), objective: Objective | None = None,
+                    batch_keys: tuple[str, ...] = ()) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """step(state, batch) -> (state, metrics). batch: dict of [A, B, S] arrays (A micro-batches) with keys
-    tokens, targets, loss_mask and optionally segment_ids, positions (packed rows)."""
+    tokens, targets, loss_mask and optionally segment_ids, positions (packed rows).
+
+    objective: None for the LM loss (token-balanced cross-entropy + MTP); else a post-training `Objective`
+    (DPO, GRPO), which reads the batch keys BATCH_KEYS + VL_KEYS + `batch_keys`."""
     config = model.config
     graphdef, abs_params, abs_buffers = split_model(nnx.eval_shape(lambda: model))
-    depth = config.num_nextn_predict_layers if loss_cfg.mtp_coef else 0
+    depth = config.num_nextn_predict_layers if loss_cfg.mtp_coef and objective is None else 0
+    keys = BATCH_KEYS + VL_KEYS + tuple(batch_keys)
 
     def loss_fn(params, buffers, mb):
         model_ = merge_model(graphdef, abs_params, abs_buffers, params, buffers)
+        if objective is not None:
+            loss, aux = objective(model_, mb)
+            aux = dict(aux)
+            return _moe_losses(loss, aux, aux.pop("moe_stats", None), params)
         seg = mb.get("segment_ids")
         if config.vision is not None:
             extra = {k: mb[k] for k in VL_KEYS if k in mb}
@@ -131,22 +145,25 @@ def make_train_step(model: nnx.Module, tx: optax.GradientTransformation, schedul
         m = mb["loss_mask"].astype(jnp.float32)
         loss, _ = token_balanced_loss(ce, m)
         aux = {"ce_sum": jnp.sum(ce * m), "tokens": jnp.sum(m)}
-        if out.moe_stats is not None:
-            st = out.moe_stats
-            aux.update(aux_loss=moe_aux_loss(st), z_loss=router_z_loss(st), usage=st.usage)
-            loss = loss + loss_cfg.aux_coef * aux["aux_loss"] + loss_cfg.z_coef * aux["z_loss"]
-            if loss_cfg.orth_coef and loss_cfg.orth_in_loss:
-                loss = loss + loss_cfg.orth_coef * sum(router_orthogonal_loss(k) for k in router_kernels(params))
         if depth:
             tgt, msk = mtp_targets(mb["targets"], mb["loss_mask"], seg, depth)
             aux["mtp_loss"] = mtp_loss(out.mtp_logits, tgt, msk)
             loss = loss + loss_cfg.mtp_coef * aux["mtp_loss"]
+        return _moe_losses(loss, aux, out.moe_stats, params)
+
+    def _moe_losses(loss, aux, st, params):
+        """Adds the MoE router losses of the forward's statistics `st` (None for a dense model)."""
+        if st is not None:
+            aux.update(aux_loss=moe_aux_loss(st), z_loss=router_z_loss(st), usage=st.usage)
+            loss = loss + loss_cfg.aux_coef * aux["aux_loss"] + loss_cfg.z_coef * aux["z_loss"]
+            if loss_cfg.orth_coef and loss_cfg.orth_in_loss:
+                loss = loss + loss_cfg.orth_coef * sum(router_orthogonal_loss(k) for k in router_kernels(params))
         return loss, aux
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        batch = {k: v for k, v in batch.items() if k in BATCH_KEYS + VL_KEYS}
+        batch = {k: v for k, v in batch.items() if k in keys}
         n_micro = batch["tokens"].shape[0]
 
         def micro(carry, mb):
@@ -179,11 +196,16 @@ def make_train_step(model: nnx.Module, tx: optax.GradientTransformation, schedul
             ema=None if ema is None else keep(ema, state.ema),
             nonfinite_run=jnp.where(finite, 0, state.nonfinite_run + 1),
             nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32))
-        tokens = jnp.sum(aux["tokens"])
-        metrics = {"loss": jnp.sum(aux["ce_sum"]) / jnp.maximum(tokens, 1.0), "grad_norm": grad_norm, "lr": lr,
-                   "tokens": tokens, "skipped": (~finite).astype(jnp.int32),
+        metrics = {"grad_norm": grad_norm, "lr": lr, "skipped": (~finite).astype(jnp.int32),
                    "nonfinite_run": new_state.nonfinite_run}
-        for k in ("aux_loss", "z_loss", "mtp_loss"):
+        if objective is None:
+            tokens = jnp.sum(aux["tokens"])
+            metrics.update(loss=jnp.sum(aux["ce_sum"]) / jnp.maximum(tokens, 1.0), tokens=tokens)
+            names: Any = ("aux_loss", "z_loss", "mtp_loss")
+        else:
+            metrics["loss"] = loss_sum / n_micro
+            names = [k for k in aux if k != "usage"]
+        for k in names:
             if k in aux:
                 metrics[k] = jnp.mean(aux[k])
         if "usage" in aux:
