@@ -16,7 +16,7 @@ import os
 from typing import Any, Mapping
 
 FORMATS = ("jsonl", "arrayrecord")
-KINDS = ("text", "ids")
+KINDS = ("text", "ids", "chat", "preference")
 ON_BAD = ("raise", "skip")
 
 
@@ -26,10 +26,12 @@ class DataConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SourceConfig:
-    """One source: a JSONL or ArrayRecord file of text (tokenized on the fly) or pre-tokenized ids.
+    """One source: a JSONL or ArrayRecord file of text (tokenized on the fly), pre-tokenized ids, chat
+    conversations (`kind="chat"`, for `ernie_jax.posttrain.chat_pipeline`) or preference pairs
+    (`kind="preference"`: objects with "chosen" and "rejected" conversations, `posttrain.preference_pipeline`).
 
     JSONL: one JSON object per line; text lives under `field` (default "text"), ids under `field` (default
-    "ids", a list of ints). ArrayRecord: each record is UTF-8 text (`kind="text"`), little-endian int32 ids
+    "ids", a list of ints), a conversation under `field` (default "messages", a list of {"role", "content"}). ArrayRecord: each record is UTF-8 text (`kind="text"`), little-endian int32 ids
     (`kind="ids"`), or a JSON object like a JSONL line (`record_format="json"`).
     """
     path: str
@@ -49,10 +51,13 @@ class SourceConfig:
             raise DataConfigError(f"source {self.path}: record_format {self.record_format!r} not in ('raw', 'json')")
         if not (self.weight > 0):
             raise DataConfigError(f"source {self.path}: weight must be > 0, got {self.weight}")
+        if self.kind in ("chat", "preference") and self.format == "arrayrecord" and self.record_format != "json":
+            raise DataConfigError(f"source {self.path}: a {self.kind} source's ArrayRecord records must be JSON "
+                                  "(record_format='json')")
 
     @property
     def json_field(self) -> str:
-        return self.field or self.kind
+        return self.field or ("messages" if self.kind == "chat" else self.kind)
 
     @property
     def display_name(self) -> str:
@@ -94,8 +99,9 @@ class DataConfig:
             raise DataConfigError(f"on_bad_record {self.on_bad_record!r} not in {ON_BAD}")
         if self.num_epochs is not None and self.num_epochs < 1:
             raise DataConfigError(f"num_epochs must be None or >= 1, got {self.num_epochs}")
-        if any(s.kind == "text" for s in self.sources) and not self.tokenizer:
-            raise DataConfigError("a text source needs `tokenizer` (a sentencepiece .model path)")
+        if any(s.kind in ("text", "chat", "preference") for s in self.sources) and not self.tokenizer:
+            raise DataConfigError("a text, chat or preference source needs `tokenizer` (a sentencepiece .model "
+                                  "path)")
         if not 0 <= self.seed < 2**63:
             raise DataConfigError(f"seed must be in [0, 2**63), got {self.seed}")
 

@@ -32,6 +32,10 @@ class DocLoader(Loader[np.ndarray]):
 
     def _prepare(self) -> None:
         cfg = self.cfg
+        post = [f"{s.path} ({s.kind})" for s in cfg.sources if s.kind in ("chat", "preference")]
+        if post:
+            raise DataConfigError(f"sources {post} need the post-training pipelines (ernie_jax.posttrain: "
+                                  "make_chat_pipeline, make_preference_pipeline), not make_pipeline")
         self.tokenizer = SentencePieceTokenizer(cfg.tokenizer) if cfg.tokenizer else None
         tv = self.tokenizer.vocab_size if self.tokenizer else None
         self.vocab_size = cfg.vocab_size or tv

@@ -152,8 +152,10 @@ def open_source(cfg: SourceConfig):
     return JsonlSource(cfg.path) if cfg.format == "jsonl" else ArrayRecordSource(cfg.path)
 
 
-def decode_record(raw: bytes, cfg: SourceConfig, record: int) -> str | np.ndarray:
-    """Raw record bytes → text (str) or ids (int64 array); DataError on corrupt input, naming file and record."""
+def decode_record(raw: bytes, cfg: SourceConfig, record: int) -> str | np.ndarray | list:
+    """Raw record bytes → text (str), ids (int64 array), a chat conversation (the list under the field) or a
+    preference record (the object), the last two checked by their pipelines; DataError on corrupt input,
+    naming file and record."""
     if cfg.format == "jsonl" or cfg.record_format == "json":
         try:
             obj = json.loads(raw)
@@ -161,9 +163,17 @@ def decode_record(raw: bytes, cfg: SourceConfig, record: int) -> str | np.ndarra
             raise DataError(cfg.path, record, f"invalid UTF-8: {e}", "utf8") from e
         except json.JSONDecodeError as e:
             raise DataError(cfg.path, record, f"corrupt or truncated JSON: {e}", "corrupt") from e
+        if cfg.kind == "preference":  # the whole object: its "chosen" and "rejected" conversations
+            if not isinstance(obj, dict):
+                raise DataError(cfg.path, record, "expected a JSON object with 'chosen' and 'rejected'", "corrupt")
+            return obj
         if not isinstance(obj, dict) or cfg.json_field not in obj:
             raise DataError(cfg.path, record, f"expected a JSON object with field {cfg.json_field!r}", "corrupt")
         val = obj[cfg.json_field]
+        if cfg.kind == "chat":
+            if not isinstance(val, list):
+                raise DataError(cfg.path, record, f"field {cfg.json_field!r} is not a list of messages", "corrupt")
+            return val
         if cfg.kind == "text":
             if not isinstance(val, str):
                 raise DataError(cfg.path, record, f"field {cfg.json_field!r} is not a string", "corrupt")

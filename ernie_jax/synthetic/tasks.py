@@ -1,5 +1,5 @@
 """Answer accuracy on the embedded corpora's held-out prompts by greedy completion: arithmetic / algorithmic
-tasks (text), or questions about rendered images (VQA, for VL models).
+tasks (text; as chat for post-training), or questions about rendered images (VQA, for VL models).
 
 One recipe for both: `make_eval_fn` / `make_vqa_eval_fn` build an `eval_fn(model, step) -> metrics` from a
 task's `_Task` (how to pick examples, answer them greedily and check the answers) and the held-out LM loss
@@ -114,6 +114,21 @@ def _vqa_answers(model: nnx.Module, data_cfg, examples: list[dict], max_new: int
     return out
 
 
+def _chat_answers(model: nnx.Module, data_cfg, examples: list[dict], max_new: int | None,
+                  speculative: str | None = None, stats: dict | None = None) -> list[str]:
+    from ernie_jax.posttrain import chat  # noqa: PLC0415
+    tok = SentencePieceTokenizer(data_cfg.tokenizer)
+    prompts = [chat.prompt(e["messages"], tok).tolist() for e in examples]
+    max_new = max_new or max(len(tok.encode(e["answer"])) for e in examples) + 2
+    outs = _greedy(model, prompts, max_new, tok.eos_id, speculative, stats)
+    return [_completion(tok, p, o) for p, o in zip(prompts, outs)]
+
+
+def _chat_task() -> _Task:
+    from ernie_jax.synthetic import chat_tasks  # noqa: PLC0415
+    return _Task(chat_tasks.heldout_prompts, _chat_answers, chat_tasks.check_response, lambda e: repr(e["prompt"]))
+
+
 def _text_task() -> _Task:
     return _Task(pick_examples, _text_answers, text.check_answer, lambda e: repr(e["prompt"]))
 
@@ -168,6 +183,24 @@ def make_vqa_eval_fn(data_cfg, heldout_cfg, n_examples: int, lm_batches: int = 2
         it = make_multimodal_pipeline(heldout_cfg)
         batches = [next(it) for _ in range(lm_batches)]
     return _make_eval_fn(_vqa_task(), data_cfg, batches, VL_KEYS, n_examples)
+
+
+def make_chat_eval_fn(data_cfg, heldout_cfg, n_examples: int, lm_batches: int = 4
+                      ) -> Callable[[nnx.Module, int], dict[str, float]]:
+    """The tasks as chat (SFT, DPO, RL): held-out loss on the assistant tokens of packed held-out conversations
+    (none when `heldout_cfg` is None) and per-task accuracy of greedy chat answers to `n_examples` held-out
+    prompts, an answer right only when it is the whole response (`chat_tasks.check_response`)."""
+    from ernie_jax.posttrain.chat_pipeline import make_chat_pipeline  # noqa: PLC0415
+    batches = []
+    if heldout_cfg is not None:
+        it = make_chat_pipeline(heldout_cfg)
+        batches = [next(it) for _ in range(lm_batches)]
+    return _make_eval_fn(_chat_task(), data_cfg, batches, ("positions",), n_examples)
+
+
+def print_chat_samples(model: nnx.Module, data_cfg, n: int, speculative: str | None = None) -> dict:
+    """Greedy chat answers to n held-out task prompts, with the expected answers; like `print_samples`."""
+    return _print(_chat_task(), model, data_cfg, n, None, speculative)
 
 
 def _print(task: _Task, model: nnx.Module, data_cfg, n: int, max_new: int | None, speculative: str | None
