@@ -60,9 +60,15 @@ def main(argv):
     from ernie_jax.train.loop import evaluate, train
 
     data = exp.make_pipeline(process_index=jax.process_index(), process_count=jax.process_count())
+    objective, batch_keys = exp.objective
+    if exp.dpo is not None and exp.dpo.needs_reference:  # the frozen reference scores each batch once
+        from ernie_jax.checkpoint.hf import from_pretrained
+        from ernie_jax.posttrain.dpo import WithReference
+        data = WithReference(data, from_pretrained(exp.train.init_from, config=exp.model),
+                             exp.data.train.max_docs_per_row)
     eval_fn = exp.make_eval_fn()
     out = train(exp.train, _WORKDIR.value, data, eval_fn=eval_fn, eval_every_steps=exp.evaluation.every_steps,
-                progress=not _NO_PROGRESS.value)
+                progress=not _NO_PROGRESS.value, objective=objective, batch_keys=batch_keys)
     lead = jax.process_index() == 0  # every process computes (collectives), process 0 prints
     if out["stopped_early"]:
         if lead:

@@ -10,6 +10,7 @@ from the command line with `--config.key=value`) onto typed, validated dataclass
     data (kind + its data config's fields) -> ExperimentData (train / held-out data configs)
     eval_kind, eval_every_steps, eval_examples, samples -> EvalConfig
     export_hf                   -> write the final weights to WORKDIR/hf
+    dpo                         -> DPOConfig (preference data only)
 
 Every unknown key, at any level, is an error naming it, its path and the known keys; so is a bad value, an
 unregistered data / evaluation kind, or data the model cannot take (`check_data_fits_model`).
@@ -67,6 +68,7 @@ class ExperimentConfig:
     evaluation: EvalConfig
     eval_data: ExperimentData
     export_hf: bool = False
+    dpo: Any = None  # DPOConfig of a preference run (data kind `preference`), else None
 
     @property
     def model(self) -> ErnieConfig:
@@ -76,6 +78,14 @@ class ExperimentConfig:
         """The training batches of this process (the data kind's pipeline)."""
         return get_kind(self.data.kind).make_pipeline(self.data.train, process_index=process_index,
                                                       process_count=process_count)
+
+    @property
+    def objective(self):
+        """(the train step's objective or None for the LM loss, the extra batch keys it reads)."""
+        if self.dpo is None:
+            return None, ()
+        from ernie_jax.posttrain.dpo import dpo_objective  # noqa: PLC0415
+        return dpo_objective(self.dpo, self.data.train.max_docs_per_row), self.dpo.batch_keys
 
     def make_eval_fn(self):
         """eval_fn(model, step) -> metrics of the evaluation kind, or None when `evaluation.examples` is 0."""
@@ -95,7 +105,8 @@ _SECTIONS: dict[str, type] = {"mesh": MeshConfig, "optimizer": OptimizerConfig, 
 LOOP_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("model", *_SECTIONS))
 _EVAL_KEYS = {"eval_kind": "kind", "eval_every_steps": "every_steps", "eval_examples": "examples",
               "samples": "samples"}
-TOP_KEYS = frozenset({"model", "model_overrides", "data", "export_hf", *_SECTIONS, *LOOP_KEYS, *_EVAL_KEYS})
+TOP_KEYS = frozenset({"model", "model_overrides", "data", "export_hf", "dpo", *_SECTIONS, *LOOP_KEYS,
+                      *_EVAL_KEYS})
 _MOVED = {"config.loss.ema_decay": "config.ema.decay", "config.loss.ema_window": "config.ema.window",
           "config.loss.ema_eps": "config.ema.eps"}
 
@@ -190,7 +201,21 @@ def load_experiment(config: Any) -> ExperimentConfig:
         shapes = {"seq_len": data.train.seq_len, "global_batch_size": data.train.global_batch_size}
         eval_data = _data(evaluation.kind, model, shapes, "config.eval_kind", c["model"])
     return ExperimentConfig(train=train, data=data, evaluation=evaluation, eval_data=eval_data,
-                            export_hf=bool(c.get("export_hf", False)))
+                            export_hf=bool(c.get("export_hf", False)), dpo=_dpo(c, data, train))
+
+
+def _dpo(c: dict, data: ExperimentData, train: TrainConfig):
+    """The `dpo` section of a preference run (defaults when absent); an error anywhere else."""
+    if data.kind != "preference":
+        if "dpo" in c:
+            raise ExperimentConfigError(f"config.dpo is for config.data.kind='preference', not {data.kind!r}")
+        return None
+    from ernie_jax.posttrain.dpo import DPOConfig  # noqa: PLC0415
+    dpo = _section(DPOConfig, c.get("dpo", {}), "config.dpo")
+    if dpo.needs_reference and not train.init_from:
+        raise ExperimentConfigError(f"config.dpo.loss={dpo.loss!r} needs config.init_from: the model to start "
+                                    "from is also the frozen reference")
+    return dpo
 
 
 def check_overrides_once(argv: Sequence[str], flag: str = "config") -> None:

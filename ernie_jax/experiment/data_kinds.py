@@ -5,7 +5,9 @@ the pipeline over them, the held-out evaluation and the sample printer, so that 
 evaluation code forks on the kind's name. Built in:
 
 - `text`: the embedded text corpus (`ernie_jax.synthetic.text`), or the user's `sources` (no held-out split);
-- `vqa`: the embedded VQA corpus (`ernie_jax.synthetic.vqa`), VL models only.
+- `vqa`: the embedded VQA corpus (`ernie_jax.synthetic.vqa`), VL models only;
+- `chat`: SFT conversations (`ernie_jax.posttrain.chat_pipeline`), the embedded tasks as chat by default;
+- `preference`: DPO pairs (`ernie_jax.posttrain.preference_pipeline`), evaluated as `chat`.
 
 `register_kind(DataKind(...))` adds one (e.g. a post-training experiment's).
 """
@@ -152,5 +154,47 @@ def _vqa_samples(model, data_cfg, n, speculative=None):
     return print_vqa_samples(model, data_cfg, n, speculative=speculative)
 
 
+def _post_configs(kind: str):
+    """`chat` / `preference` data configs: the user's `sources` (their kind set; no held-out split), or the
+    embedded tasks' sets (`synthetic.chat_tasks`); a preference run is evaluated on the chat held-out set."""
+    def configs(model: ErnieConfig, options: dict[str, Any]) -> tuple[Any, Any]:
+        from ernie_jax.data import DataConfig  # noqa: PLC0415
+        from ernie_jax.synthetic import chat_tasks  # noqa: PLC0415
+        del model
+        if options.get("sources"):
+            srcs = [{"path": s, "kind": kind} if isinstance(s, str) else {"kind": kind, **s}
+                    for s in options["sources"]]
+            return DataConfig.from_dict(dict(options, sources=srcs)), None
+        options = {k: v for k, v in options.items() if k != "sources"}
+        train = (chat_tasks.chat_data_config if kind == "chat" else chat_tasks.preference_data_config)("train",
+                                                                                                      **options)
+        return train, chat_tasks.chat_data_config("heldout", **options)
+    return configs
+
+
+def _chat_pipeline(data_cfg, **kw):
+    from ernie_jax.posttrain.chat_pipeline import make_chat_pipeline  # noqa: PLC0415
+    return make_chat_pipeline(data_cfg, **kw)
+
+
+def _preference_pipeline(data_cfg, **kw):
+    from ernie_jax.posttrain.preference_pipeline import make_preference_pipeline  # noqa: PLC0415
+    return make_preference_pipeline(data_cfg, **kw)
+
+
+def _chat_eval_fn(data_cfg, heldout_cfg, n_examples):
+    from ernie_jax.synthetic.tasks import make_chat_eval_fn  # noqa: PLC0415
+    return make_chat_eval_fn(data_cfg, heldout_cfg, n_examples)
+
+
+def _chat_samples(model, data_cfg, n, speculative=None):
+    from ernie_jax.synthetic.tasks import print_chat_samples  # noqa: PLC0415
+    return print_chat_samples(model, data_cfg, n, speculative=speculative)
+
+
 register_kind(DataKind("text", _text_config_class, _text_configs, _text_pipeline, _text_eval_fn, _text_samples))
 register_kind(DataKind("vqa", _vqa_config_class, _vqa_configs, _vqa_pipeline, _vqa_eval_fn, _vqa_samples))
+register_kind(DataKind("chat", _text_config_class, _post_configs("chat"), _chat_pipeline, _chat_eval_fn,
+                       _chat_samples))
+register_kind(DataKind("preference", _text_config_class, _post_configs("preference"), _preference_pipeline,
+                       _chat_eval_fn, _chat_samples))

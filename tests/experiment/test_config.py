@@ -83,12 +83,12 @@ def test_a_bad_value_is_named(changes, match):
 
 
 def test_an_unknown_data_or_eval_kind_lists_the_registered_ones():
-    assert {"text", "vqa"} <= set(registered_kinds())
+    assert {"text", "vqa", "chat", "preference"} <= set(registered_kinds())
     with pytest.raises(ExperimentConfigError, match=r"^config.data.kind: unknown kind 'images'; registered: "
-                                                    r"\['text', 'vqa'\]"):
+                                                    r"\['chat', 'preference', 'text', 'vqa'\]"):
         load_experiment(_tiny(data={"kind": "images"}))
     with pytest.raises(ExperimentConfigError, match=r"^config.eval_kind: unknown kind 'mmlu'; registered: "
-                                                    r"\['text', 'vqa'\]"):
+                                                    r"\['chat', 'preference', 'text', 'vqa'\]"):
         load_experiment(_tiny(eval_kind="mmlu"))
 
 
@@ -172,3 +172,23 @@ def test_the_training_cli_requires_a_workdir():
     r = subprocess.run([sys.executable, "-m", "experiments.train", f"--config={TINY}"], cwd=ROOT,
                        env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "--workdir" in r.stderr, r.stderr[-2000:]
+
+
+def test_post_training_kinds_and_the_dpo_section():
+    sft = load_experiment(_tiny(data={"kind": "chat", "sources": []}))
+    assert sft.data.train.sources[0].kind == "chat" and sft.eval_data.heldout.sources[0].kind == "chat"
+    assert sft.dpo is None and sft.objective == (None, ())
+    dpo = load_experiment(_tiny(data={"kind": "preference", "sources": []}, dpo={"beta": 0.2}, init_from="x/hf"))
+    assert dpo.dpo.beta == 0.2 and dpo.objective[1] == dpo.dpo.batch_keys
+    assert dpo.eval_data.heldout.sources[0].kind == "chat"  # a preference run is evaluated as chat
+    with pytest.raises(ExperimentConfigError, match=r"config.dpo is for config.data.kind='preference', not 'chat'"):
+        load_experiment(_tiny(data={"kind": "chat", "sources": []}, dpo={"beta": 0.2}))
+    with pytest.raises(ExperimentConfigError, match=r"config.dpo.loss='dpo' needs config.init_from"):
+        load_experiment(_tiny(data={"kind": "preference", "sources": []}))
+    with pytest.raises(ExperimentConfigError, match=r"config.dpo: unknown key\(s\) \['bta'\]"):
+        load_experiment(_tiny(data={"kind": "preference", "sources": []}, dpo={"bta": 0.2}, init_from="x"))
+    from ernie_jax.synthetic.text import ensure_default_data
+    tok = str(ensure_default_data()["tokenizer"])
+    simpo = load_experiment(_tiny(data={"kind": "preference", "sources": ["/data/pairs.jsonl"], "tokenizer": tok},
+                                  dpo={"loss": "simpo"}))  # no reference: no init_from needed
+    assert simpo.data.train.sources[0].kind == "preference" and simpo.data.heldout is None

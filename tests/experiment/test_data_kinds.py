@@ -24,7 +24,7 @@ def _tiny():
 
 def test_get_kind_names_where_and_the_registered_kinds():
     assert get_kind("text").name == "text" and get_kind("vqa").name == "vqa"
-    with pytest.raises(ExperimentConfigError, match=r"^config.x: unknown kind 'y'; registered: \['text', 'vqa'\]"):
+    with pytest.raises(ExperimentConfigError, match=r"^config.x: unknown kind 'y'; registered: \['chat', 'preference', 'text', 'vqa'\]"):
         get_kind("y", "config.x")
 
 
