@@ -67,8 +67,17 @@ def main(argv):
         data = WithReference(data, from_pretrained(exp.train.init_from, config=exp.model),
                              exp.data.train.max_docs_per_row)
     eval_fn = exp.make_eval_fn()
-    out = train(exp.train, _WORKDIR.value, data, eval_fn=eval_fn, eval_every_steps=exp.evaluation.every_steps,
-                progress=not _NO_PROGRESS.value, objective=objective, batch_keys=batch_keys)
+    if exp.grpo is not None:  # RL with verifiable rewards: the chat data's conversations are the prompts
+        from ernie_jax.data.tokenizer import SentencePieceTokenizer
+        from ernie_jax.posttrain import chat
+        from ernie_jax.posttrain.rl_loop import chat_prompts, exact_answer_rewards, train_grpo
+        tok = SentencePieceTokenizer(exp.data.train.tokenizer)
+        out = train_grpo(exp.train, exp.grpo, _WORKDIR.value, chat_prompts(exp.data.train), exact_answer_rewards(),
+                         tok, encode=lambda e: chat.prompt(e["messages"], tok).tolist(), eval_fn=eval_fn,
+                         eval_every_steps=exp.evaluation.every_steps, progress=not _NO_PROGRESS.value)
+    else:
+        out = train(exp.train, _WORKDIR.value, data, eval_fn=eval_fn, eval_every_steps=exp.evaluation.every_steps,
+                    progress=not _NO_PROGRESS.value, objective=objective, batch_keys=batch_keys)
     lead = jax.process_index() == 0  # every process computes (collectives), process 0 prints
     if out["stopped_early"]:
         if lead:

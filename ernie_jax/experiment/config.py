@@ -11,6 +11,7 @@ from the command line with `--config.key=value`) onto typed, validated dataclass
     eval_kind, eval_every_steps, eval_examples, samples -> EvalConfig
     export_hf                   -> write the final weights to WORKDIR/hf
     dpo                         -> DPOConfig (preference data only)
+    grpo                        -> GRPOConfig (RL with verifiable rewards on chat data)
 
 Every unknown key, at any level, is an error naming it, its path and the known keys; so is a bad value, an
 unregistered data / evaluation kind, or data the model cannot take (`check_data_fits_model`).
@@ -69,6 +70,7 @@ class ExperimentConfig:
     eval_data: ExperimentData
     export_hf: bool = False
     dpo: Any = None  # DPOConfig of a preference run (data kind `preference`), else None
+    grpo: Any = None  # GRPOConfig of an RL run (data kind `chat`: its conversations are the prompts), else None
 
     @property
     def model(self) -> ErnieConfig:
@@ -105,7 +107,7 @@ _SECTIONS: dict[str, type] = {"mesh": MeshConfig, "optimizer": OptimizerConfig, 
 LOOP_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("model", *_SECTIONS))
 _EVAL_KEYS = {"eval_kind": "kind", "eval_every_steps": "every_steps", "eval_examples": "examples",
               "samples": "samples"}
-TOP_KEYS = frozenset({"model", "model_overrides", "data", "export_hf", "dpo", *_SECTIONS, *LOOP_KEYS,
+TOP_KEYS = frozenset({"model", "model_overrides", "data", "export_hf", "dpo", "grpo", *_SECTIONS, *LOOP_KEYS,
                       *_EVAL_KEYS})
 _MOVED = {"config.loss.ema_decay": "config.ema.decay", "config.loss.ema_window": "config.ema.window",
           "config.loss.ema_eps": "config.ema.eps"}
@@ -201,7 +203,19 @@ def load_experiment(config: Any) -> ExperimentConfig:
         shapes = {"seq_len": data.train.seq_len, "global_batch_size": data.train.global_batch_size}
         eval_data = _data(evaluation.kind, model, shapes, "config.eval_kind", c["model"])
     return ExperimentConfig(train=train, data=data, evaluation=evaluation, eval_data=eval_data,
-                            export_hf=bool(c.get("export_hf", False)), dpo=_dpo(c, data, train))
+                            export_hf=bool(c.get("export_hf", False)), dpo=_dpo(c, data, train),
+                            grpo=_grpo(c, data))
+
+
+def _grpo(c: dict, data: ExperimentData):
+    """The `grpo` section of an RL run (chat data: the prompts and their reference answers); None without one."""
+    if "grpo" not in c:
+        return None
+    if data.kind != "chat":
+        raise ExperimentConfigError(f"config.grpo needs config.data.kind='chat' (its conversations are the RL "
+                                    f"prompts), not {data.kind!r}")
+    from ernie_jax.posttrain.grpo import GRPOConfig  # noqa: PLC0415
+    return _section(GRPOConfig, c["grpo"], "config.grpo")
 
 
 def _dpo(c: dict, data: ExperimentData, train: TrainConfig):

@@ -7,6 +7,7 @@ differentiates the policy only.
 
   DPO:   -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r)))
   SimPO: -log sigmoid(beta * (pi_c / |c| - pi_r / |r|) - gamma)        (no reference model)
+  + nll_coef * (-pi_c / |c|)                                            (RPO's NLL term, either loss)
 
 with pi_c, pi_r the policy's summed log-probabilities of the chosen / rejected reply, |c|, |r| their lengths.
 """
@@ -32,12 +33,16 @@ class DPOConfig:
     loss: str = "dpo"  # "dpo" | "simpo"
     beta: float = 0.1
     gamma: float = 0.5  # SimPO's target reward margin
+    nll_coef: float = 0.0  # + nll_coef * the chosen reply's per-token NLL (RPO, Pang et al. 2024): keeps the
+    # chosen answer's likelihood from falling with the rejected one's
 
     def __post_init__(self):
         if self.loss not in LOSSES:
             raise ValueError(f"DPOConfig.loss must be one of {LOSSES}, got {self.loss!r}")
         if not self.beta > 0:
             raise ValueError(f"DPOConfig.beta must be > 0, got {self.beta}")
+        if self.nll_coef < 0:
+            raise ValueError(f"DPOConfig.nll_coef must be >= 0, got {self.nll_coef}")
 
     @property
     def needs_reference(self) -> bool:
@@ -82,8 +87,12 @@ def preference_loss(cfg: DPOConfig, pi_c, pi_r, n_c, n_r, ref_c=None, ref_r=None
     n = jnp.maximum(jnp.sum(real), 1.0)
     mean = lambda x: jnp.sum(x * real) / n  # noqa: E731
     loss = mean(-jax.nn.log_sigmoid(logits))
+    nll = jnp.sum(-pi_c * real) / jnp.maximum(jnp.sum(n_c * real), 1.0)  # per chosen token
+    if cfg.nll_coef:
+        loss = loss + cfg.nll_coef * nll
     return loss, {"reward_accuracy": mean((r_c > r_r).astype(jnp.float32)), "reward_margin": mean(r_c - r_r),
-                  "reward_chosen": mean(r_c), "reward_rejected": mean(r_r), "pairs": jnp.sum(real)}
+                  "reward_chosen": mean(r_c), "reward_rejected": mean(r_r), "chosen_nll": nll,
+                  "pairs": jnp.sum(real)}
 
 
 def dpo_objective(cfg: DPOConfig, pairs: int):

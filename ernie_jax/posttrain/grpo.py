@@ -46,6 +46,7 @@ class GRPOConfig:
     loss_agg: str = "token"
     dynamic_sampling: bool = True
     max_sampling_rounds: int = 4  # prompt draws per step before training on what was kept
+    updates_per_batch: int = 1  # optimizer steps on each batch of rollouts (GRPO's mu; > 1 makes the clip bite)
     overlong_buffer: int = 4  # tokens before max_new_tokens where the overlong penalty starts
     overlong_penalty: float = 1.0  # the penalty at max_new_tokens (0: off)
     adv_eps: float = 1e-6
@@ -54,7 +55,7 @@ class GRPOConfig:
         if self.group_size < 2:
             raise ValueError(f"GRPOConfig.group_size must be >= 2 (a group normalises its rewards), got "
                              f"{self.group_size}")
-        for name in ("prompts_per_step", "max_new_tokens", "max_sampling_rounds"):
+        for name in ("prompts_per_step", "max_new_tokens", "max_sampling_rounds", "updates_per_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"GRPOConfig.{name} must be >= 1, got {getattr(self, name)}")
         if not (0 <= self.clip_low < 1 and self.clip_high >= 0):

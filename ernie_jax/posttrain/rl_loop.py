@@ -65,6 +65,36 @@ def rollout(model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_new_toke
     return Rollouts(answers, texts, time.perf_counter() - t0)
 
 
+def chat_prompts(data_cfg) -> list[dict]:
+    """The RL prompts of a chat data config's sources: each conversation's turns but the last as the prompt and
+    its last (assistant) turn as the reference answer the verifier checks: records {task, messages, answer}."""
+    from ernie_jax.data.sources import decode_record, open_source  # noqa: PLC0415
+    from ernie_jax.posttrain.chat import ChatFormatError, validate  # noqa: PLC0415
+    out = []
+    for scfg in data_cfg.sources:
+        src = open_source(scfg)
+        for r in range(len(src)):
+            messages = decode_record(src[r], scfg, r)
+            try:
+                validate(messages, index=r)
+            except ChatFormatError as e:
+                raise ValueError(f"{scfg.path}: {e}") from None
+            out.append({"task": scfg.display_name, "messages": messages[:-1], "answer": messages[-1]["content"]})
+    return out
+
+
+def exact_answer_rewards() -> RewardFn:
+    """The reward of the embedded tasks: 1 for an answer that is the reference answer, else 0
+    (`synthetic.chat_tasks.check_response` through a `RewardSystem`, which counts failures per source)."""
+    from ernie_jax.reward import RewardSystem, exact_answer_source  # noqa: PLC0415
+    system = RewardSystem([exact_answer_source()])
+
+    def reward_fn(examples, texts):
+        out = system(examples, texts)
+        return out.raw["exact_answer"], out.metrics()
+    return reward_fn
+
+
 class PromptCursor:
     """Endless deterministic pass over `examples` (a permutation per epoch from `seed`); its state is the number
     of prompts drawn, saved with each checkpoint."""
@@ -96,7 +126,7 @@ class PromptCursor:
 
 def train_grpo(cfg: TrainConfig, grpo: GRPOConfig, workdir: str, prompts: Sequence[dict], reward_fn: RewardFn,
                tokenizer, *, encode: Callable[[dict], Sequence[int]], eval_fn=None, eval_every_steps: int = 0,
-               updates_per_batch: int = 1, progress: bool = True) -> dict[str, Any]:
+               progress: bool = True) -> dict[str, Any]:
     """RL with verifiable rewards on `prompts` (records; `encode(record)` gives a prompt's ids) until
     cfg.total_steps optimizer steps; resumes from workdir. Returns the summary of `train.loop.train`, plus
     `rollouts` (answers sampled in all)."""
@@ -181,7 +211,7 @@ def train_grpo(cfg: TrainConfig, grpo: GRPOConfig, workdir: str, prompts: Sequen
                 jb = {k: jnp.asarray(v) for k, v in b.items()}
                 b["old_logp"] = np.asarray(score(nnx.state(policy), jb))
                 b["ref_logp"] = np.asarray(score(ref_state, jb)) if ref_state is not None else b["old_logp"]
-                for _ in range(updates_per_batch):
+                for _ in range(grpo.updates_per_batch):
                     if step >= cfg.total_steps:
                         break
                     with activate(mesh, rules):

@@ -20,8 +20,8 @@ def get_config() -> ConfigDict:
     c = sft.get_config()
     # `sources`: JSONL files of {"chosen": [...], "rejected": [...]} conversations for your own pairs
     c.data = ConfigDict({"kind": "preference", "sources": [], "seq_len": 128, "global_batch_size": 16})
-    c.dpo = ConfigDict({"loss": "dpo", "beta": 0.1, "gamma": 0.5})
+    c.dpo = ConfigDict({"loss": "dpo", "beta": 0.1, "gamma": 0.5, "nll_coef": 1.0})
     c.loss.mtp_coef = 0.0  # the DPO objective replaces the LM loss
-    c.optimizer.update({"peak_lr": 3e-4, "min_lr": 3e-5, "warmup_steps": 10, "weight_decay": 0.0})
+    c.optimizer.update({"peak_lr": 5e-5, "min_lr": 5e-6, "warmup_steps": 10, "weight_decay": 0.0})
     c.total_steps = 100
     return c

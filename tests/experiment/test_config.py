@@ -192,3 +192,12 @@ def test_post_training_kinds_and_the_dpo_section():
     simpo = load_experiment(_tiny(data={"kind": "preference", "sources": ["/data/pairs.jsonl"], "tokenizer": tok},
                                   dpo={"loss": "simpo"}))  # no reference: no init_from needed
     assert simpo.data.train.sources[0].kind == "preference" and simpo.data.heldout is None
+
+
+def test_the_grpo_section_needs_chat_data():
+    exp = load_experiment(_tiny(data={"kind": "chat", "sources": []}, grpo={"group_size": 4, "clip_high": 0.3}))
+    assert exp.grpo.group_size == 4 and exp.grpo.clip_high == 0.3 and exp.grpo.dynamic_sampling
+    with pytest.raises(ExperimentConfigError, match=r"config.grpo needs config.data.kind='chat'.*not 'text'"):
+        load_experiment(_tiny(grpo={"group_size": 4}))
+    with pytest.raises(ExperimentConfigError, match=r"config.grpo: .*group_size must be >= 2"):
+        load_experiment(_tiny(data={"kind": "chat", "sources": []}, grpo={"group_size": 1}))

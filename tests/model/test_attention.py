@@ -125,3 +125,32 @@ def test_blocked_causal_matches_naive_and_unblocked(case, monkeypatch):
     monkeypatch.setattr(attn_mod, "_MIN_BLOCKED_QUERIES", 10**9)
     for a, b in zip(blocked, grads()):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=2e-6)  # fp32 rounding
+
+
+@pytest.mark.parametrize("impl", ["xla", "jax_nn", "flashmask"])
+def test_shared_question_rows_hide_the_chosen_reply_from_the_rejected_one(impl):
+    """DPO rows [prompt | chosen | rejected] per segment: kv_visible_until hides each chosen key from the rows
+    after its reply; the oracle builds the mask by hand from the (prompt, chosen, rejected) lengths."""
+    lengths = [[(3, 2, 2), (2, 1, 2)], [(4, 3, 1)]]  # per row: segments of (prompt, chosen, rejected)
+    s = 16
+    q, k, v = _inputs(sq=s, sk=s, hq=2, hkv=1, d=128)
+    seg, until = np.zeros((2, s), np.int32), np.full((2, s), s, np.int32)
+    allowed = np.zeros((2, s, s), bool)
+    for r, segs in enumerate(lengths):
+        o = 0
+        for j, (p, c, n) in enumerate(segs):
+            seg[r, o:o + p + c + n] = j + 1
+            until[r, o + p:o + p + c] = o + p + c
+            rows = range(o, o + p + c + n)
+            for i in rows:  # prompt keys: every later row of the pair; chosen keys: later chosen rows only
+                for key in range(o, i + 1):
+                    in_chosen = o + p <= key < o + p + c
+                    allowed[r, i, key] = not in_chosen or i < o + p + c
+            o += p + c + n
+    mask = AttentionMask(causal=True, q_segment_ids=jnp.asarray(seg), kv_segment_ids=jnp.asarray(seg),
+                         kv_valid=jnp.asarray(seg != 0), kv_visible_until=jnp.asarray(until))
+    out = attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), mask, impl=impl)
+    ref = _naive(q, k, v, allowed, 128 ** -0.5)
+    real = seg != 0
+    np.testing.assert_allclose(np.asarray(out)[real], ref[real], atol=2e-5)
+    assert not np.allclose(ref, _naive(q, k, v, _allowed(2, s, s, seg=seg, valid=seg != 0), 128 ** -0.5))

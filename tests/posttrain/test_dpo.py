@@ -133,6 +133,8 @@ def test_losses_follow_their_formulas():
     loss, _ = preference_loss(DPOConfig(loss="simpo", beta=2.0, gamma=0.3), pi_c, pi_r, n_c, n_r)
     z = 2.0 * (-3.0 / 2 - -4.0 / 4) - 0.3
     np.testing.assert_allclose(float(loss), np.log1p(np.exp(-z)), rtol=1e-6)
+    loss, m = preference_loss(DPOConfig(loss="simpo", beta=2.0, gamma=0.3, nll_coef=0.5), pi_c, pi_r, n_c, n_r)
+    np.testing.assert_allclose(float(loss), np.log1p(np.exp(-z)) + 0.5 * 3.0 / 2, rtol=1e-6)  # chosen: -3 over 2
 
 
 def test_dpo_step_gradient_is_the_formulas_gradient(batch, model, oracle, tokenizer_path):

@@ -47,19 +47,20 @@ def _rows(logp, adv, mask, old, ref=None, seg=None):
 
 def test_clipped_objective_gradient_matches_hand_derivatives():
     cfg = GRPOConfig(clip_low=0.2, clip_high=0.28)
-    old = np.zeros((1, 6), np.float32)
-    # ratios exp(logp - old): inside, above 1 + 0.28, below 1 - 0.2, inside, above, (masked)
-    logp = np.log(np.array([[1.1, 1.5, 0.5, 0.9, 1.4, 1.0]], np.float32))
-    adv = np.array([[1.0, 1.0, -1.0, -1.0, -1.0, 5.0]], np.float32)
-    mask = np.array([[1, 1, 1, 1, 1, 0]], np.float32)
+    old = np.zeros((1, 7), np.float32)
+    # ratios exp(logp - old): inside, above 1 + 0.28, below 1 - 0.2, inside, above, between 1.2 and 1.28 (inside
+    # only with clip-higher), (masked)
+    logp = np.log(np.array([[1.1, 1.5, 0.5, 0.9, 1.4, 1.25, 1.0]], np.float32))
+    adv = np.array([[1.0, 1.0, -1.0, -1.0, -1.0, 1.0, 5.0]], np.float32)
+    mask = np.array([[1, 1, 1, 1, 1, 1, 0]], np.float32)
     lp, b = _rows(logp, adv, mask, old)
     g = np.asarray(jax.grad(lambda x: grpo_loss(cfg, x, b)[0])(lp))
-    ratio = np.exp(logp - old)
+    r = np.exp(logp - old)[0]
     # d/dlogp of -ratio*A / N where the unclipped term is the minimum, else 0 (the clipped term is constant)
-    want = np.array([[-ratio[0, 0] * 1, 0.0, 0.0, -ratio[0, 3] * -1, -ratio[0, 4] * -1, 0.0]]) / 5
+    want = np.array([[-r[0] * 1, 0.0, 0.0, -r[3] * -1, -r[4] * -1, -r[5] * 1, 0.0]]) / 6
     np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-7)
     _, m = grpo_loss(cfg, lp, b)
-    np.testing.assert_allclose(float(m["clip_fraction"]), 3 / 5)
+    np.testing.assert_allclose(float(m["clip_fraction"]), 3 / 6)
 
 
 def test_kl_term_and_sequence_aggregation():
