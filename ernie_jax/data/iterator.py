@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from ernie_jax.data.config import DataConfig, DataConfigError
+from ernie_jax.data.packing import PackedBatch, first_fit
 from ernie_jax.data.stream import Loader, ReadBlock, doc_stream
 
 STATE_VERSION = 1
@@ -176,3 +177,29 @@ class PackedIterator(_dataset_iterator_base()):
 
     def __str__(self) -> str:
         return f"{type(self).__name__}(process {self.process_index}/{self.process_count}, batch {self._next_batch})"
+
+
+class WholeDocumentIterator(PackedIterator):
+    """A `PackedIterator` whose documents are placed whole, never cut (post-training examples: a reply must see
+    its prompt): first fit over the documents, each costing `_positions(doc)` of a row's `seq_len`; the carry
+    is the carried documents' global indices (re-read on restore). The subclass lays out `_materialize`."""
+
+    def _positions(self, doc) -> int:
+        raise NotImplementedError
+
+    def _pack(self):
+        def pull():
+            d = self._next_doc()
+            return None if d is None else [] if d[1] is None else [d]
+
+        cfg = self.cfg
+        rows, num_docs, carry = first_fit(self._carry, pull, lambda u: (self._positions(u[1]),), (cfg.seq_len,),
+                                          rows=cfg.global_batch_size, max_docs=cfg.max_docs_per_row,
+                                          lookahead=cfg.pack_lookahead)
+        return PackedBatch(rows, num_docs), carry  # rows of (global index, document) units
+
+    def _save_carry(self) -> list:
+        return [int(g) for g, _ in self._carry]
+
+    def _load_carry(self, saved: list) -> list:
+        return [(int(g), self.loader.document(int(g))) for g in saved]

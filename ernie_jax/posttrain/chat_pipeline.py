@@ -22,8 +22,8 @@ import numpy as np
 
 from ernie_jax.data import stream
 from ernie_jax.data.config import DataConfig, DataConfigError, as_data_config
-from ernie_jax.data.iterator import PackedIterator
-from ernie_jax.data.packing import PackedBatch, first_fit
+from ernie_jax.data.iterator import WholeDocumentIterator
+from ernie_jax.data.packing import PackedBatch
 from ernie_jax.data.sources import DataError, decode_record
 from ernie_jax.data.tokenizer import SentencePieceTokenizer
 from ernie_jax.posttrain.chat import ChatFormatError, render
@@ -78,7 +78,7 @@ class ChatReadBlock(stream.ReadBlock[Doc]):
         return np.stack([parts["ids"], parts["mask"]])
 
 
-class ChatPipelineIterator(PackedIterator):
+class ChatPipelineIterator(WholeDocumentIterator):
     """Per-process iterator over packed global batches of conversations (see the module doc)."""
 
     loader_type = ChatLoader
@@ -86,17 +86,8 @@ class ChatPipelineIterator(PackedIterator):
     kind = "chat"
     loader: ChatLoader
 
-    def _pack(self):
-        cfg = self.cfg
-
-        def pull():
-            d = self._next_doc()
-            return None if d is None else [] if d[1] is None else [d]
-
-        rows, num_docs, carry = first_fit(self._carry, pull, lambda u: (u[1].shape[1] - 1,), (cfg.seq_len,),
-                                          rows=cfg.global_batch_size, max_docs=cfg.max_docs_per_row,
-                                          lookahead=cfg.pack_lookahead)
-        return PackedBatch(rows, num_docs), carry  # rows of (g, conversation) units
+    def _positions(self, doc) -> int:
+        return doc.shape[1] - 1
 
     def _materialize(self, batch: PackedBatch) -> dict[str, np.ndarray]:
         cfg = self.cfg
@@ -117,12 +108,6 @@ class ChatPipelineIterator(PackedIterator):
                 out["sample_ids"][r, j] = g
                 o += m
         return out
-
-    def _save_carry(self) -> list:
-        return [int(g) for g, _ in self._carry]
-
-    def _load_carry(self, saved: list) -> list:
-        return [(int(g), self.loader.document(int(g))) for g in saved]
 
 
 def make_chat_pipeline(data_config: Any, *, process_index: int = 0, process_count: int = 1

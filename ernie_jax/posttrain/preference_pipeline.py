@@ -27,8 +27,8 @@ import numpy as np
 
 from ernie_jax.data import stream
 from ernie_jax.data.config import DataConfig, DataConfigError, as_data_config
-from ernie_jax.data.iterator import PackedIterator
-from ernie_jax.data.packing import PackedBatch, first_fit
+from ernie_jax.data.iterator import WholeDocumentIterator
+from ernie_jax.data.packing import PackedBatch
 from ernie_jax.data.sources import DataError, decode_record
 from ernie_jax.data.tokenizer import SentencePieceTokenizer
 from ernie_jax.posttrain.chat import ChatFormatError, check_pair, prompt, render
@@ -126,24 +126,15 @@ def place_pair(out: dict[str, np.ndarray], r: int, o: int, seg: int, doc: np.nda
     return o + p + c + n
 
 
-class PreferencePipelineIterator(PackedIterator):
+class PreferencePipelineIterator(WholeDocumentIterator):
     """Per-process iterator over packed global batches of preference pairs (see the module doc)."""
 
     loader_type = PreferenceLoader
     read_block = PreferenceReadBlock
     kind = "preference"
 
-    def _pack(self):
-        cfg = self.cfg
-
-        def pull():
-            d = self._next_doc()
-            return None if d is None else [] if d[1] is None else [d]
-
-        rows, num_docs, carry = first_fit(self._carry, pull, lambda u: (int(u[1][:3].sum()),), (cfg.seq_len,),
-                                          rows=cfg.global_batch_size, max_docs=cfg.max_docs_per_row,
-                                          lookahead=cfg.pack_lookahead)
-        return PackedBatch(rows, num_docs), carry
+    def _positions(self, doc) -> int:
+        return int(doc[:3].sum())
 
     def _materialize(self, batch: PackedBatch) -> dict[str, np.ndarray]:
         cfg = self.cfg
@@ -157,12 +148,6 @@ class PreferencePipelineIterator(PackedIterator):
                 o = place_pair(out, r, o, j + 1, d, cfg.seq_len)
                 out["sample_ids"][r, j] = g
         return out
-
-    def _save_carry(self) -> list:
-        return [int(g) for g, _ in self._carry]
-
-    def _load_carry(self, saved: list) -> list:
-        return [(int(g), self.loader.document(int(g))) for g in saved]
 
 
 def make_preference_pipeline(data_config: Any, *, process_index: int = 0, process_count: int = 1
