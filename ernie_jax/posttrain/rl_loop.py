@@ -30,8 +30,8 @@ from ernie_jax.inference.sampling import SamplingParams
 from ernie_jax.posttrain.grpo import (EXTRA_KEYS, GRPOConfig, group_advantages, grpo_objective, informative_groups,
                                      overlong_penalty, pack_rollouts, token_logps)
 from ernie_jax.sharding import activate
-from ernie_jax.train.loop import MetricsWriter, TrainConfig, _StopRequest, evaluate, global_batch, start_run, \
-    state_model
+from ernie_jax.train.loop import (MetricsWriter, StopRequest, TrainConfig, evaluate, global_batch, start_run,
+                                  state_model)
 from ernie_jax.train.step import make_train_step
 
 log = logging.getLogger(__name__)
@@ -164,7 +164,7 @@ def train_grpo(cfg: TrainConfig, grpo: GRPOConfig, workdir: str, prompts: Sequen
     metrics: dict[str, float] = {}
     summary: dict[str, Any] = {"stopped_early": False}
     eos = tokenizer.eos_id
-    with _StopRequest() as stop:
+    with StopRequest() as stop:
         step = int(state.step)
         while step < cfg.total_steps:
             t0 = time.perf_counter()

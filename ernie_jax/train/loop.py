@@ -96,7 +96,7 @@ class MetricsWriter:
             self._tb.close()
 
 
-class _StopRequest:
+class StopRequest:
     """Turns SIGTERM / SIGINT into a flag read at step boundaries."""
 
     def __init__(self):
@@ -195,7 +195,7 @@ def train(cfg: TrainConfig, workdir: str, data: Iterator[dict], *,
     bar = tqdm(total=cfg.total_steps, initial=start, desc="train", unit="step", disable=not progress,
                dynamic_ncols=True)
     t_last, tokens_since, steps_since = time.perf_counter(), 0.0, 0
-    with _StopRequest() as stop:
+    with StopRequest() as stop:
         step = start
         while step < cfg.total_steps:
             batch = global_batch(next(data), mesh, rules, cfg.micro_batches, batch_keys)
@@ -254,8 +254,8 @@ def state_model(model: nnx.Module, state: TrainState, ema: bool = False) -> nnx.
     return merge_model(graphdef, abs_params, abs_buffers, params, state.buffers)
 
 
-def global_batch(local: dict[str, np.ndarray], mesh, rules, micro_batches: int, extra_keys: tuple[str, ...] = ()
-               ) -> dict[str, jax.Array]:
+def global_batch(local: dict[str, np.ndarray], mesh, rules, micro_batches: int,
+                 extra_keys: tuple[str, ...] = ()) -> dict[str, jax.Array]:
     """Per-process [B_local, S, ...] numpy -> global [A, B / A, S, ...] arrays sharded over the batch axes
     (and the length axis for [B, S] arrays; VL pixel values [B, P, D] and grids [B, N, 3] by rows only)."""
     out = {}

@@ -18,12 +18,12 @@ def get_config() -> ConfigDict:
     sft = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(sft)
     c = sft.get_config()
-    c.grpo = ConfigDict({"group_size": 8, "prompts_per_step": 8, "max_new_tokens": 12, "temperature": 1.0,
+    c.grpo = ConfigDict({"group_size": 8, "prompts_per_step": 8, "max_new_tokens": 12, "temperature": 0.8,
                          "clip_low": 0.2, "clip_high": 0.28, "kl_coef": 0.0, "loss_agg": "token",
                          "dynamic_sampling": True, "max_sampling_rounds": 4, "updates_per_batch": 1,
                          "overlong_buffer": 4, "overlong_penalty": 1.0})
     c.loss.mtp_coef = 0.0  # the GRPO objective replaces the LM loss
-    c.optimizer.update({"peak_lr": 3e-4, "min_lr": 3e-5, "warmup_steps": 2, "weight_decay": 0.0})
+    c.optimizer.update({"peak_lr": 3e-5, "min_lr": 3e-6, "warmup_steps": 2, "weight_decay": 0.0})
     c.total_steps = 40
     c.log_every_steps = 1
     c.checkpoint_every_steps = 10
