@@ -30,8 +30,8 @@ from ernie_jax.inference.sampling import SamplingParams
 from ernie_jax.posttrain.grpo import (EXTRA_KEYS, GRPOConfig, group_advantages, grpo_objective, informative_groups,
                                      overlong_penalty, pack_rollouts, token_logps)
 from ernie_jax.sharding import activate
-from ernie_jax.train.loop import (MetricsWriter, StopRequest, TrainConfig, evaluate, global_batch, start_run,
-                                  state_model)
+from ernie_jax.train.loop import (MetricsWriter, StopRequest, TrainConfig, TrainingAborted, evaluate, global_batch,
+                                  start_run, state_model)
 from ernie_jax.train.step import make_train_step
 
 log = logging.getLogger(__name__)
@@ -164,6 +164,7 @@ def train_grpo(cfg: TrainConfig, grpo: GRPOConfig, workdir: str, prompts: Sequen
     metrics: dict[str, float] = {}
     summary: dict[str, Any] = {"stopped_early": False}
     eos = tokenizer.eos_id
+    no_signal = 0  # steps in a row without an informative group
     with StopRequest() as stop:
         step = int(state.step)
         while step < cfg.total_steps:
@@ -220,8 +221,18 @@ def train_grpo(cfg: TrainConfig, grpo: GRPOConfig, workdir: str, prompts: Sequen
                     bar.update(1)
                 m.update({k: float(v) for k, v in jax.device_get(sm).items()})
             else:  # every group uniform after every draw: nothing to learn from this step's prompts
-                log.warning("step %d: every sampled group had equal rewards; drawing new prompts", step)
-                m["skipped_no_signal"] = 1.0
+                no_signal += 1
+                log.warning("step %d: every sampled group had equal rewards (%d times in a row); drawing new prompts",
+                            step, no_signal)
+                if no_signal >= cfg.max_nonfinite:
+                    run.ckpt.close()
+                    raise TrainingAborted(
+                        f"{no_signal} steps in a row found no group whose answers' rewards differ (every answer right, "
+                        f"or every answer wrong, in {grpo.max_sampling_rounds} draws of {grpo.prompts_per_step} "
+                        "prompts each): the prompts are too hard or too easy for this policy; change the prompts, "
+                        "the temperature or group_size")
+            if kept_ex:
+                no_signal = 0
             m["step_time_s"] = time.perf_counter() - t0
             metrics = m
             if step % cfg.log_every_steps == 0 or step == cfg.total_steps:

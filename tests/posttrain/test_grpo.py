@@ -185,3 +185,27 @@ def test_loop_filters_uniform_groups_checkpoints_and_resumes(tmp_path, tokenizer
             uniform, groups = uniform + int((r == r[:, :1]).all(1).sum()), groups + len(r)
         assert x["filtered_fraction"] == pytest.approx(uniform / groups)
     assert any(x["filtered_fraction"] > 0 for x in steps)
+
+
+def test_a_run_that_never_finds_a_signal_aborts_with_a_clear_error(tmp_path, tokenizer):
+    """Rewards all equal: every group is uniform in every draw; after max_nonfinite such steps the loop stops
+    with an error naming the cause instead of sampling forever."""
+    from ernie_jax.posttrain.rl_loop import train_grpo
+    from ernie_jax.train.loop import TrainConfig, TrainingAborted
+    from ernie_jax.train.optimizer import OptimizerConfig
+
+    cfg = TrainConfig(model=ernie_jax.get_preset("tiny", num_hidden_layers=1, max_position_embeddings=256),
+                      total_steps=3, max_nonfinite=2, async_checkpoints=False,
+                      optimizer=OptimizerConfig(peak_lr=1e-3, min_lr=1e-4, warmup_steps=1))
+    grpo = GRPOConfig(group_size=2, prompts_per_step=2, max_new_tokens=3, overlong_buffer=0, max_sampling_rounds=2,
+                      overlong_penalty=0.0)
+    calls = []
+
+    def reward_fn(examples, texts):
+        calls.append(len(texts))
+        return np.zeros(len(texts), np.float32), {}
+
+    with pytest.raises(TrainingAborted, match=r"2 steps in a row found no group whose answers' rewards differ"):
+        train_grpo(cfg, grpo, str(tmp_path), [{"ids": [1, 5, 6]}], reward_fn, tokenizer, encode=lambda e: e["ids"],
+                   progress=False)
+    assert len(calls) == 4  # two steps of two draws each
