@@ -206,6 +206,7 @@ def train_grpo(cfg: TrainConfig, grpo: GRPOConfig, workdir: str, prompts: Sequen
             for k in m_rew[0]:
                 m[k] = float(np.mean([r[k] for r in m_rew]))
             if kept_ex:
+                no_signal = 0
                 adv = group_advantages(np.stack(kept_rew), grpo.adv_eps)
                 b = pack_rollouts([p for g in kept_ex for p in g], [a for g in kept_ans for a in g],
                                   adv.reshape(-1).tolist(), rows=rows, seq_len=seq_len, pad_id=cfg.model.pad_token_id)
@@ -231,8 +232,6 @@ def train_grpo(cfg: TrainConfig, grpo: GRPOConfig, workdir: str, prompts: Sequen
                         f"or every answer wrong, in {grpo.max_sampling_rounds} draws of {grpo.prompts_per_step} "
                         "prompts each): the prompts are too hard or too easy for this policy; change the prompts, "
                         "the temperature or group_size")
-            if kept_ex:
-                no_signal = 0
             m["step_time_s"] = time.perf_counter() - t0
             metrics = m
             if step % cfg.log_every_steps == 0 or step == cfg.total_steps:
